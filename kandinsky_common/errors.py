@@ -1,0 +1,25 @@
+"""The one exception type for user mistakes, and the CLI wrapper that turns it into `error: ...`."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """A mistake the user can fix: bad path, missing column, impossible flag combination, ...
+
+    The message is one line naming the problem and the fix. The CLI prints it as `error: <message>`
+    and exits with status 2, before anything was written or deleted.
+    """
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run `main(argv)`; a UserError becomes one `error:` line on stderr and exit status 2."""
+    try:
+        code = main(argv)
+    except UserError as e:
+        msg = " ".join(str(e).split())
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return int(code or 0)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Make (or refresh) the project venv at .venv: torch 2.13.0 CPU wheel first (a looser pin pulls a
+# multi-GB CUDA build), then this package with every extra. Re-runs only when pyproject.toml changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${KANDINSKY_VENV:-.venv}
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
+stamp="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+  "$VENV/bin/python" -m pip install -q -e ".[torch,jax,test]"
+  rm -f "$VENV"/.installed-*
+  touch "$stamp"
+fi
