@@ -1,0 +1,193 @@
+"""TrainConfig: every flag of diffusers' Kandinsky 2.2 training scripts, plus ours, in one dataclass.
+
+Field names, types and defaults are those of `train_text_to_image_prior.py` and
+`train_text_to_image_decoder.py` (44 flags, the union of the two), so their command lines paste
+unchanged. Flags we add are listed in OUR_FLAGS and documented in the README. Parsing is
+transformers.HfArgumentParser: command-line flags, or a single .json / .yaml file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from kandinsky_common.errors import UserError
+
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
+REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all", "none")
+BACKENDS = ("torch",)
+STAGES = ("prior", "decoder")
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- models -------------------------------------------------------------------------------
+    pretrained_decoder_model_name_or_path: str = _f(
+        "kandinsky-community/kandinsky-2-2-decoder",
+        "Decoder pipeline folder (unet/, movq/, scheduler/). Prior stage: used for validation.",
+    )
+    pretrained_prior_model_name_or_path: str = _f(
+        "kandinsky-community/kandinsky-2-2-prior",
+        "Prior pipeline folder (prior/, text_encoder/, image_encoder/, tokenizer/, ...).",
+    )
+    # --- data ---------------------------------------------------------------------------------
+    dataset_name: str | None = _f(None, "Dataset: a local dataset folder or save_to_disk folder.")
+    dataset_config_name: str | None = _f(None, "The config of the dataset, if it has several.")
+    train_data_dir: str | None = _f(None, "Imagefolder with metadata.jsonl/.csv (captions).")
+    image_column: str = _f("image", "Column holding the images.")
+    caption_column: str = _f(
+        "text", "Column holding the captions (str or list of str); prior only."
+    )
+    max_train_samples: int | None = _f(None, "Truncate the dataset to this many examples.")
+    validation_prompts: list[str] | None = _f(None, "Prompts for validation images.")
+    output_dir: str = _f("kandi_2_2-model-finetuned", "Where checkpoints and the model go.")
+    cache_dir: str | None = _f(None, "The datasets cache directory.")
+    seed: int | None = _f(None, "Seed for reproducible training.")
+    resolution: int = _f(512, "Decoder training resolution (multiple of 64); unused by the prior.")
+    # --- optimisation -------------------------------------------------------------------------
+    train_batch_size: int = _f(1, "Batch size per device.")
+    num_train_epochs: int = _f(100, "Epochs (recomputed when --max_train_steps is set).")
+    max_train_steps: int | None = _f(None, "Optimizer updates in total; overrides epochs.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer update.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations per block (prior too).")
+    learning_rate: float = _f(1e-4, "Initial learning rate (after warm-up).")
+    lr_scheduler: str = _f("constant", "LR schedule.", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _f(500, "Warm-up, in optimizer updates.")
+    snr_gamma: float | None = _f(None, "Min-SNR weighting gamma (5.0 is the paper's choice).")
+    use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (torch backend, needs bitsandbytes).")
+    allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere GPUs.")
+    use_ema: bool = _f(False, "Keep an EMA of the trained weights; the EMA weights are exported.")
+    dataloader_num_workers: int = _f(0, "Data-loading worker processes.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _f(0.0, "AdamW decoupled weight decay.")
+    adam_epsilon: float = _f(1e-08, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Clip gradients to this global norm.")
+    # --- hub, logging, precision --------------------------------------------------------------
+    push_to_hub: bool = _f(False, "Upload the result to the Hugging Face hub.")
+    hub_token: str | None = _f(None, "Hub token.")
+    hub_model_id: str | None = _f(None, "Hub repo id (default: basename of output_dir).")
+    logging_dir: str = _f("logs", "Tracker log directory, inside output_dir.")
+    mixed_precision: str | None = _f(None, "Mixed precision.", choices=("no", "fp16", "bf16"))
+    report_to: str = _f("tensorboard", "Tracker.", choices=REPORT_TO)
+    local_rank: int = _f(-1, "Set by the launcher (env LOCAL_RANK wins).")
+    # --- checkpoints, validation --------------------------------------------------------------
+    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimizer updates.")
+    checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoints.")
+    resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint path/name.")
+    enable_xformers_memory_efficient_attention: bool = _f(False, "xFormers attention (CUDA).")
+    validation_epochs: int = _f(5, "Validate every N epochs (and after epoch 0).")
+    tracker_project_name: str = _f("text2image-fine-tune", "Tracker project name.")
+    # --- ours ---------------------------------------------------------------------------------
+    backend: str = _f("torch", "Training backend.", choices=BACKENDS)
+    prediction_type: str | None = _f(
+        None,
+        "Decoder target: epsilon or v_prediction (default: the decoder scheduler's).",
+        choices=("epsilon", "v_prediction"),
+    )
+    lr_step_rules: str | None = _f(
+        None, "piecewise_constant rules, e.g. '1:100,0.1:200,0.01' (multiplier:until_step,...)."
+    )
+    validation_steps: int = _f(20, "Decoder denoising steps of validation images.")
+
+
+OUR_FLAGS = ("backend", "prediction_type", "lr_step_rules", "validation_steps")
+DIFFUSERS_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in OUR_FLAGS)
+
+
+class _Parser(HfArgumentParser):
+    """argparse reports mistakes as usage + message + exit 2; we want one `error:` line."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def parse_config(argv: list[str] | None, stage: str) -> TrainConfig:
+    """Flags, or one .json/.yaml file, -> a validated TrainConfig for `stage`."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _Parser(TrainConfig, prog=f"train_text_to_image_{stage}.py")
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        path = Path(argv[0])
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            if path.suffix == ".json":
+                (cfg,) = parser.parse_json_file(str(path), allow_extra_keys=False)
+            else:
+                (cfg,) = parser.parse_yaml_file(str(path), allow_extra_keys=False)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"config file {path}: {e}") from e
+    else:
+        (cfg, rest) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        if rest:
+            raise UserError(f"unrecognized arguments: {' '.join(rest)} (see --help)")
+    env_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_rank != -1:
+        cfg.local_rank = env_rank
+    validate(cfg, stage)
+    return cfg
+
+
+def _positive(cfg: TrainConfig, *names: str) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if v is not None and v <= 0:
+            raise UserError(f"--{n} must be positive, got {v}")
+
+
+def validate(cfg: TrainConfig, stage: str) -> None:
+    """Cross-flag checks that need no files or models; raises UserError with the fix."""
+    if stage not in STAGES:
+        raise ValueError(stage)
+    if cfg.dataset_name is None and cfg.train_data_dir is None:
+        raise UserError("no training data: pass --dataset_name DIR or --train_data_dir DIR")
+    _positive(
+        cfg,
+        "train_batch_size",
+        "num_train_epochs",
+        "max_train_steps",
+        "gradient_accumulation_steps",
+        "learning_rate",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "validation_epochs",
+        "max_train_samples",
+        "resolution",
+        "snr_gamma",
+        "validation_steps",
+    )
+    if cfg.lr_warmup_steps < 0 or cfg.dataloader_num_workers < 0 or cfg.adam_weight_decay < 0:
+        raise UserError("--lr_warmup_steps, --dataloader_num_workers, --adam_weight_decay are >= 0")
+    if stage == "decoder" and cfg.resolution % 64:
+        raise UserError(
+            f"--resolution {cfg.resolution} is not a multiple of 64 (MoVQ /8 x UNet /8); "
+            f"use e.g. {max(64, round(cfg.resolution / 64) * 64)}"
+        )
+    if stage == "prior" and cfg.prediction_type is not None:
+        raise UserError("--prediction_type is a decoder flag; the prior always predicts the sample")
+    if cfg.lr_scheduler == "piecewise_constant" and not cfg.lr_step_rules:
+        raise UserError("--lr_scheduler piecewise_constant needs --lr_step_rules, e.g. '1:100,0.1'")
+    if cfg.report_to == "wandb" and cfg.hub_token is not None:
+        raise UserError(
+            "--hub_token with --report_to wandb would expose the token; use `hf auth login` instead"
+        )
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file; pass a folder path")
