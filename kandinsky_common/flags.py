@@ -1,4 +1,4 @@
-"""TrainConfig: every flag of diffusers' Kandinsky 2.2 training scripts, plus ours, in one dataclass.
+"""TrainConfig: every flag of the diffusers Kandinsky 2.2 training scripts, plus ours, in one class.
 
 Field names, types and defaults are those of `train_text_to_image_prior.py` and
 `train_text_to_image_decoder.py` (44 flags, the union of the two), so their command lines paste

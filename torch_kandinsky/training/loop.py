@@ -1,0 +1,293 @@
+"""The one training loop of the torch backend: data -> step -> log -> checkpoint -> export."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from tqdm.auto import tqdm
+
+from kandinsky_common import checkpoints as ck
+from kandinsky_common import noise as noise_stream
+from kandinsky_common.data import load_train_dataset
+from kandinsky_common.errors import UserError
+from kandinsky_common.flags import TrainConfig
+from kandinsky_common.folders import check_pipeline_folder, write_json
+from kandinsky_common.preprocess import BatchBuilder, load_image_processor_config
+from kandinsky_common.sampler import EpochSampler
+from torch_kandinsky import checkpoint as ckpt
+from torch_kandinsky import validation
+from torch_kandinsky.export import export_pipeline
+from torch_kandinsky.hub import check_hub, push_folder
+from torch_kandinsky.stages import DecoderStage, PriorStage
+from torch_kandinsky.training.optim import (
+    check_xformers,
+    enable_gradient_checkpointing,
+    make_ema,
+    make_lr_scheduler,
+    make_optimizer,
+)
+from torch_kandinsky.training.step import train_step
+
+DTYPES = {None: torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class _Steps(torch.utils.data.Dataset):
+    """Micro-step k of the run -> that step's numpy batch (so DataLoader workers can prefetch)."""
+
+    def __init__(self, builder, sampler, start: int, stop: int):
+        self.builder, self.sampler, self.start, self.stop = builder, sampler, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, k):
+        epoch, step = divmod(self.start + k, self.sampler.steps_per_epoch)
+        return self.builder(self.sampler.indices(epoch, step), epoch)
+
+
+def _check_environment(cfg: TrainConfig) -> None:
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--mixed_precision fp16 needs a CUDA GPU; use bf16 (or no) on this machine")
+    for name in ("wandb", "comet_ml"):
+        if cfg.report_to == name and importlib.util.find_spec(name) is None:
+            raise UserError(f"--report_to {name} needs `pip install {name}`; or use tensorboard")
+
+
+def _make_stage(cfg: TrainConfig, stage_name: str, device, weight_dtype):
+    if stage_name == "prior":
+        stage = PriorStage(cfg.pretrained_prior_model_name_or_path, device, weight_dtype)
+        stage.decoder_folder = None
+        if cfg.validation_prompts:
+            stage.decoder_folder = check_pipeline_folder(
+                cfg.pretrained_decoder_model_name_or_path,
+                "decoder",
+                "--pretrained_decoder_model_name_or_path",
+            )
+        return stage
+    return DecoderStage(
+        cfg.pretrained_decoder_model_name_or_path,
+        cfg.pretrained_prior_model_name_or_path,
+        device,
+        weight_dtype,
+        prediction_type=cfg.prediction_type,
+    )
+
+
+def train(cfg: TrainConfig, stage_name: str) -> dict:
+    """Run a whole training job; returns a summary (losses, paths). Raises UserError early."""
+    _check_environment(cfg)
+    if cfg.push_to_hub:
+        check_hub(cfg)
+    out = Path(cfg.output_dir)
+    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=project,
+    )
+    weight_dtype = DTYPES[cfg.mixed_precision]
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if cfg.enable_xformers_memory_efficient_attention:
+        check_xformers(accelerator.device)
+
+    # Everything that can fail on user input happens before output_dir is touched.
+    stage = _make_stage(cfg, stage_name, accelerator.device, weight_dtype)
+    dataset = load_train_dataset(
+        dataset_name=cfg.dataset_name,
+        dataset_config_name=cfg.dataset_config_name,
+        train_data_dir=cfg.train_data_dir,
+        cache_dir=cfg.cache_dir,
+        image_column=cfg.image_column,
+        caption_column=cfg.caption_column if stage.spec.uses_captions else None,
+        max_train_samples=cfg.max_train_samples,
+        seed=cfg.seed if cfg.seed is not None else 0,
+    )
+    resume = ck.resolve_resume(out, cfg.resume_from_checkpoint)
+    resumed_state = ck.read_state(resume) if resume else None
+    if resumed_state:
+        ck.check_compatible(resumed_state, stage=stage_name, backend="torch", path=resume)
+        if resumed_state.get("use_ema") != cfg.use_ema:
+            raise UserError(
+                f"checkpoint {resume} was saved with use_ema={not cfg.use_ema}; match it"
+            )
+    seed = cfg.seed
+    if seed is None:
+        seed = (
+            resumed_state["seed"]
+            if resumed_state
+            else int(np.random.SeedSequence().entropy % 2**31)
+        )
+
+    prior_folder = stage.folder if stage_name == "prior" else stage.prior_folder
+    builder = BatchBuilder(
+        dataset,
+        image_column=cfg.image_column,
+        caption_column=cfg.caption_column if stage.spec.uses_captions else None,
+        tokenizer=getattr(stage, "tokenizer", None),
+        resolution=cfg.resolution if stage.spec.uses_resolution else None,
+        image_processor_config=load_image_processor_config(prior_folder),
+        seed=seed,
+    )
+    sampler = EpochSampler(
+        len(dataset),
+        cfg.train_batch_size,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        seed=seed,
+    )
+    accum = cfg.gradient_accumulation_steps
+    updates_per_epoch = math.ceil(sampler.steps_per_epoch / accum)
+    max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
+
+    model = stage.model
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model, stage_name)
+    if cfg.enable_xformers_memory_efficient_attention:
+        model.enable_xformers_memory_efficient_attention()
+    model.train()
+    optimizer = make_optimizer(cfg, model)
+    lr_scheduler = make_lr_scheduler(cfg, optimizer, max_train_steps)
+    ema = make_ema(model) if cfg.use_ema else None
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    global_step = 0
+    if resume is not None:
+        global_step = ckpt.load(accelerator, resume)["global_step"]
+        accelerator.print(f"resumed from {resume} at update {global_step}")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        tracker_cfg = {
+            k: (v if isinstance(v, int | float | str | bool) else str(v))
+            for k, v in dataclasses.asdict(cfg).items()
+            if k != "validation_prompts"
+        }
+        accelerator.init_trackers(cfg.tracker_project_name, tracker_cfg)
+
+    start, stop = global_step * accum, max_train_steps * accum
+    loader = torch.utils.data.DataLoader(
+        _Steps(builder, sampler, start, stop),
+        batch_size=None,
+        num_workers=cfg.dataloader_num_workers,
+        collate_fn=lambda b: b,
+    )
+    bar = tqdm(
+        total=max_train_steps,
+        initial=global_step,
+        desc=f"{stage_name} (torch)",
+        disable=not accelerator.is_local_main_process,
+    )
+    losses, window, t0 = [], [], time.perf_counter()
+    shape = stage.x0_shape(cfg.train_batch_size, cfg.resolution)
+    for k, batch in enumerate(loader):
+        m = start + k
+        noise, timesteps = noise_stream.draw(
+            seed, m, accelerator.process_index, shape, stage.schedule.num_train_timesteps
+        )
+        loss = train_step(
+            accelerator,
+            stage,
+            model,
+            optimizer,
+            batch,
+            noise,
+            timesteps,
+            max_grad_norm=cfg.max_grad_norm,
+            snr_gamma=cfg.snr_gamma,
+        )
+        window.append(loss)
+        if accelerator.sync_gradients:
+            if not accelerator.optimizer_step_was_skipped:
+                lr_scheduler.step()
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(model).parameters())
+            global_step += 1
+            mean = torch.tensor(float(np.mean(window)), device=accelerator.device)
+            train_loss = accelerator.gather(mean).mean().item()
+            window = []
+            losses.append(train_loss)
+            lr = lr_scheduler.get_last_lr()[0]
+            accelerator.log({"train_loss": train_loss, "lr": lr}, step=global_step)
+            samples = (global_step - start // accum) * accum * cfg.train_batch_size
+            rate = samples * accelerator.num_processes / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(step_loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+            if global_step % cfg.checkpointing_steps == 0 or global_step == max_train_steps:
+                ckpt.save(
+                    accelerator,
+                    out,
+                    global_step,
+                    model,
+                    stage.spec,
+                    {
+                        "global_step": global_step,
+                        "stage": stage_name,
+                        "backend": "torch",
+                        "seed": seed,
+                        "use_ema": cfg.use_ema,
+                        "num_examples": len(dataset),
+                    },
+                    limit=cfg.checkpoints_total_limit,
+                )
+        epoch, step_in_epoch = divmod(m, sampler.steps_per_epoch)
+        end_of_epoch = step_in_epoch == sampler.steps_per_epoch - 1
+        if end_of_epoch and cfg.validation_prompts and epoch % cfg.validation_epochs == 0:
+            _validate(accelerator, cfg, stage, model, ema, global_step)
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    summary = {"stage": stage_name, "backend": "torch", "updates": global_step}
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        if ema is not None:
+            ema.copy_to(final.parameters())
+        export_pipeline(stage, final, cfg.output_dir)
+        if cfg.validation_prompts:
+            _validate(accelerator, cfg, stage, model, None, global_step)
+        elapsed = time.perf_counter() - t0
+        summary.update(
+            loss_first=losses[0] if losses else None,
+            loss_last=losses[-1] if losses else None,
+            seconds=round(elapsed, 2),
+            output_dir=str(out.resolve()),
+        )
+        write_json(out / "train_summary.json", summary)
+        if cfg.push_to_hub:
+            push_folder(cfg)
+    accelerator.end_training()
+    return summary
+
+
+def _validate(accelerator, cfg, stage, model, ema, step):
+    if not accelerator.is_main_process:
+        return
+    net = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.store(net.parameters())
+        ema.copy_to(net.parameters())
+    images = validation.generate(
+        stage,
+        net,
+        cfg.validation_prompts,
+        size=cfg.resolution,
+        steps=cfg.validation_steps,
+        seed=cfg.seed,
+        device=accelerator.device,
+    )
+    if ema is not None:
+        ema.restore(net.parameters())
+    path = validation.log_images(accelerator, images, step, cfg.output_dir)
+    accelerator.print(f"validation images: {path}")

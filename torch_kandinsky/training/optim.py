@@ -1,0 +1,86 @@
+"""Optimizer, LR schedule, EMA and memory options for the trainable network (torch backend)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.utils.checkpoint import checkpoint
+
+from kandinsky_common.errors import UserError
+from kandinsky_common.flags import TrainConfig
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+    )
+    if cfg.use_8bit_adam:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes` (CUDA)")
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
+def make_lr_scheduler(cfg: TrainConfig, optimizer, max_train_steps: int):
+    """diffusers' schedules with warm-up and horizon counted in optimizer updates.
+
+    The reference passes warmup x grad_accum and lets accelerate step the scheduler once per
+    process per update, which stretches or shrinks the schedule; we step it once per update.
+    """
+    return get_scheduler(
+        cfg.lr_scheduler,
+        optimizer=optimizer,
+        step_rules=cfg.lr_step_rules,
+        num_warmup_steps=cfg.lr_warmup_steps,
+        num_training_steps=max_train_steps,
+    )
+
+
+def make_ema(model: torch.nn.Module) -> EMAModel:
+    """EMAModel with the reference's defaults (decay 0.9999, warm-up formula (1+s)/(10+s))."""
+    return EMAModel(
+        [p.detach().clone() for p in model.parameters()],
+        model_cls=type(model),
+        model_config=model.config,
+    )
+
+
+def check_xformers(device: torch.device) -> None:
+    if importlib.util.find_spec("xformers") is None:
+        raise UserError(
+            "--enable_xformers_memory_efficient_attention needs xformers (`pip install xformers`); "
+            "without it PyTorch's SDPA attention is used, which is already memory-efficient"
+        )
+    if device.type != "cuda":
+        raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA GPU")
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, stage: str) -> None:
+    """UNet: diffusers' own switch. Prior: diffusers has none, so checkpoint each block."""
+    if stage == "decoder":
+        model.enable_gradient_checkpointing()
+        return
+    # diffusers has no switch for the prior: swap each block's forward on the instance, which
+    # keeps parameter names (state_dict keys) unchanged.
+    for block in model.transformer_blocks:
+        block.forward = _checkpointed(block)
+
+
+def _checkpointed(block: torch.nn.Module):
+    original = block.forward
+
+    def forward(*args, **kwargs):
+        if not block.training or not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)
+
+    return forward

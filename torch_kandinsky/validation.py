@@ -1,0 +1,68 @@
+"""Validation images with diffusers' Kandinsky 2.2 pipelines built from the training components."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
+from PIL import Image
+
+from kandinsky_common.images import save_grid
+from torch_kandinsky.export import image_processor, trained_pipeline
+
+
+def build_pipelines(stage, model) -> tuple[KandinskyV22PriorPipeline, KandinskyV22Pipeline]:
+    """Prior and decoder pipelines in which the trained network replaces its pretrained twin."""
+    if stage.spec.name == "prior":
+        return trained_pipeline(stage, model), KandinskyV22Pipeline.from_pretrained(
+            stage.decoder_folder
+        )
+    prior_pipe = KandinskyV22PriorPipeline.from_pretrained(
+        stage.prior_folder, image_processor=image_processor(stage.prior_folder)
+    )
+    return prior_pipe, trained_pipeline(stage, model)
+
+
+@torch.no_grad()
+def generate(
+    stage, model, prompts: list[str], *, size: int, steps: int, seed: int | None, device
+) -> list[Image.Image]:
+    """One image per prompt (prior 25 steps, guidance 4 as the reference; decoder `steps`)."""
+    prior_pipe, decoder_pipe = build_pipelines(stage, model)
+    prior_pipe.to(device)
+    decoder_pipe.to(device)
+    for p in (prior_pipe, decoder_pipe):
+        p.set_progress_bar_config(disable=True)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    images = []
+    for prompt in prompts:
+        embeds, negative = prior_pipe(prompt, generator=generator).to_tuple()
+        out = decoder_pipe(
+            image_embeds=embeds,
+            negative_image_embeds=negative,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            generator=generator,
+        )
+        images.append(out.images[0])
+    model.train(was_training)
+    return images
+
+
+def log_images(accelerator, images: list[Image.Image], step: int, output_dir: str) -> Path:
+    """PNG grid in output_dir/validation and, with tensorboard, an image summary."""
+    path = save_grid(images, Path(output_dir) / "validation" / f"step-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            arr = np.stack([np.asarray(im) for im in images])
+            tracker.writer.add_images("validation", arr, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im) for im in images]}, step=step)
+    return path
