@@ -1,0 +1,35 @@
+"""Key table for diffusers' PriorTransformer (Kandinsky 2.2 subset: no norm_in/embedding_proj_norm).
+
+Flax paths equal the torch keys except the leaf (Linear weight -> kernel transposed, LayerNorm
+weight -> scale). `clip_mean`/`clip_std` are ClipStats variables on the Flax side, not Params, but
+they convert like any other tensor so saving and loading keep them.
+"""
+
+from __future__ import annotations
+
+from flax_kandinsky.convert.clip import linear, norm
+from flax_kandinsky.convert.engine import Rule, Table
+
+_BLOCK = "transformer_blocks.{i}"
+
+PRIOR_TABLE = Table(
+    "PriorTransformer",
+    tuple(
+        [Rule(k, k) for k in ("positional_embedding", "prd_embedding", "clip_mean", "clip_std")]
+        + linear("time_embedding.linear_1")
+        + linear("time_embedding.linear_2")
+        + linear("proj_in")
+        + linear("embedding_proj")
+        + linear("encoder_hidden_states_proj")
+        + norm(f"{_BLOCK}.norm1")
+        + linear(f"{_BLOCK}.attn1.to_q")
+        + linear(f"{_BLOCK}.attn1.to_k")
+        + linear(f"{_BLOCK}.attn1.to_v")
+        + linear(f"{_BLOCK}.attn1.to_out.0")
+        + norm(f"{_BLOCK}.norm3")
+        + linear(f"{_BLOCK}.ff.net.0.proj")
+        + linear(f"{_BLOCK}.ff.net.2")
+        + norm("norm_out")
+        + linear("proj_to_clip_embeddings")
+    ),
+)
