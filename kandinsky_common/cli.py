@@ -1,0 +1,30 @@
+"""Entry point shared by the two training scripts: parse, dispatch on --backend, report.
+
+The backend package is imported by name only after the flags are valid, so `--help` and flag
+mistakes cost no framework import, and a torch-only or jax-only install runs its own backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+from kandinsky_common.errors import UserError, run_cli
+from kandinsky_common.flags import parse_config
+
+
+def main(stage: str, argv: list[str] | None = None) -> int:
+    def _main(args):
+        cfg = parse_config(args, stage)
+        try:
+            loop = importlib.import_module(f"{cfg.backend}_kandinsky.training.loop")
+        except ModuleNotFoundError as e:
+            raise UserError(
+                f"--backend {cfg.backend} needs {e.name}: `pip install -e .[{cfg.backend}]`"
+            ) from e
+        summary = loop.train(cfg, stage)
+        if summary.get("output_dir"):
+            print(json.dumps(summary))
+        return 0
+
+    return run_cli(_main, argv)
