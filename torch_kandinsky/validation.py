@@ -26,18 +26,14 @@ def build_pipelines(stage, model) -> tuple[KandinskyV22PriorPipeline, KandinskyV
 
 
 @torch.no_grad()
-def generate(
-    stage, model, prompts: list[str], *, size: int, steps: int, seed: int | None, device
+def run_pipelines(
+    prior_pipe, decoder_pipe, prompts: list[str], *, size: int, steps: int, seed, device
 ) -> list[Image.Image]:
     """One image per prompt (prior 25 steps, guidance 4 as the reference; decoder `steps`)."""
-    prior_pipe, decoder_pipe = build_pipelines(stage, model)
-    prior_pipe.to(device)
-    decoder_pipe.to(device)
     for p in (prior_pipe, decoder_pipe):
+        p.to(device)
         p.set_progress_bar_config(disable=True)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
     images = []
     for prompt in prompts:
         embeds, negative = prior_pipe(prompt, generator=generator).to_tuple()
@@ -50,6 +46,17 @@ def generate(
             generator=generator,
         )
         images.append(out.images[0])
+    return images
+
+
+def generate(stage, model, prompts, *, size, steps, seed, device) -> list[Image.Image]:
+    """Validation images from the network being trained (put back in train mode after)."""
+    was_training = model.training
+    model.eval()
+    prior_pipe, decoder_pipe = build_pipelines(stage, model)
+    images = run_pipelines(
+        prior_pipe, decoder_pipe, prompts, size=size, steps=steps, seed=seed, device=device
+    )
     model.train(was_training)
     return images
 
