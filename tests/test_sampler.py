@@ -76,8 +76,8 @@ def test_state_dict_roundtrip_and_mismatch():
     assert (state["epoch"], state["step"]) == (2, 0)
     # Same global batch over two processes: allowed, the global batches are unchanged.
     assert EpochSampler(23, 2, 2, 1, seed=2).resume_position(state) == (2, 0)
-    for changed in (EpochSampler(24, 4, seed=2), EpochSampler(23, 5, seed=2),
-                    EpochSampler(23, 4, seed=3)):  # fmt: skip
+    changes = [(24, 4, 2), (23, 5, 2), (23, 4, 3)]  # examples, batch, seed
+    for changed in (EpochSampler(n, b, seed=s) for n, b, s in changes):
         with pytest.raises(UserError, match="resume with the same"):
             changed.resume_position(state)
 
