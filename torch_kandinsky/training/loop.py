@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
@@ -86,6 +87,10 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
     _check_environment(cfg)
     if cfg.push_to_hub:
         check_hub(cfg)
+    # accelerate keeps process-wide singletons; a second run in one process (tests, notebooks)
+    # must not inherit the first run's accumulation settings.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     out = Path(cfg.output_dir)
     project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir))
     accelerator = Accelerator(

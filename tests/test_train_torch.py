@@ -1,0 +1,151 @@
+"""The torch backend end to end, through the real training scripts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kandinsky_common.flags import DIFFUSERS_FLAGS
+from tests.helpers import run_script, train_args
+
+pytest.importorskip("torch")
+
+
+def _summary(proc) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def prior_run(tiny_folders, sample_dataset, tmp_path_factory):
+    prior, decoder = tiny_folders
+    out = tmp_path_factory.mktemp("prior_run") / "out"
+    args = train_args(
+        prior,
+        decoder,
+        sample_dataset,
+        out,
+        gradient_accumulation_steps=2,
+        use_ema=True,
+        snr_gamma=5.0,
+        gradient_checkpointing=True,
+        checkpoints_total_limit=1,
+        validation_prompts=["a photo of a cat"],
+        validation_steps=2,
+        lr_scheduler="cosine",
+        lr_warmup_steps=1,
+    )
+    return out, _summary(run_script("train_text_to_image_prior.py", *args, "--backend", "torch"))
+
+
+@pytest.fixture(scope="module")
+def decoder_run(tiny_folders, sample_dataset, tmp_path_factory):
+    prior, decoder = tiny_folders
+    out = tmp_path_factory.mktemp("decoder_run") / "out"
+    args = train_args(
+        prior, decoder, sample_dataset, out, snr_gamma=5.0, gradient_checkpointing=True
+    )
+    return out, _summary(run_script("train_text_to_image_decoder.py", *args))
+
+
+@pytest.mark.parametrize("stage", ["prior", "decoder"])
+def test_help_lists_every_diffusers_flag(stage):
+    text = run_script(f"train_text_to_image_{stage}.py", "--help").stdout
+    missing = [f for f in DIFFUSERS_FLAGS if f"--{f}" not in text]
+    assert not missing and len(DIFFUSERS_FLAGS) == 44
+    assert "--backend" in text
+
+
+def test_prior_run_outputs(prior_run):
+    import torch
+    from diffusers import KandinskyV22PriorPipeline
+
+    out, summary = prior_run
+    assert summary["updates"] == 4 and np.isfinite(summary["loss_last"])
+    # checkpoints_total_limit=1 keeps only the newest; it holds the model and the run state.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert (out / "checkpoint-4" / "prior" / "config.json").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    assert sorted(p.name for p in (out / "validation").glob("*.png"))  # validation grids
+    pipe = KandinskyV22PriorPipeline.from_pretrained(out)
+    embeds = pipe("a photo of a cat", num_inference_steps=2, generator=torch.manual_seed(0))
+    assert embeds.image_embeds.shape == (1, 32) and torch.isfinite(embeds.image_embeds).all()
+
+
+def test_decoder_run_outputs_load_in_diffusers(decoder_run, tiny_folders):
+    import torch
+    from diffusers import AutoPipelineForText2Image, KandinskyV22Pipeline
+
+    out, summary = decoder_run
+    assert summary["updates"] == 4 and np.isfinite(summary["loss_last"])
+    assert "prior:" in (out / "README.md").read_text()
+    pipe = KandinskyV22Pipeline.from_pretrained(out)
+    emb = torch.randn(1, 32, generator=torch.manual_seed(0))
+    img = pipe(emb, emb * 0, height=64, width=64, num_inference_steps=2, output_type="np").images
+    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+    combined = AutoPipelineForText2Image.from_pretrained(out)
+    assert type(combined).__name__ == "KandinskyV22CombinedPipeline"
+    image = combined(
+        "a photo of a cat",
+        num_inference_steps=2,
+        prior_num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.manual_seed(0),
+    ).images[0]
+    assert image.size == (64, 64)
+
+
+def test_resume_is_bit_identical(tiny_folders, sample_dataset, tmp_path):
+    """4 updates straight == 2 updates, stop, resume 'latest' to 4 (accumulation, EMA, warm-up)."""
+    from safetensors.numpy import load_file
+
+    from kandinsky_common.cli import main
+
+    prior, decoder = tiny_folders
+    flags = dict(
+        gradient_accumulation_steps=2,
+        use_ema=True,
+        lr_scheduler="constant_with_warmup",
+        lr_warmup_steps=3,
+        report_to="none",
+    )
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main("prior", train_args(prior, decoder, sample_dataset, straight, **flags)) == 0
+    first = train_args(prior, decoder, sample_dataset, split, **{**flags, "max_train_steps": 2})
+    assert main("prior", first) == 0
+    resumed = train_args(
+        prior, decoder, sample_dataset, split, resume_from_checkpoint="latest", **flags
+    )
+    assert main("prior", resumed) == 0
+    a = load_file(straight / "prior" / "diffusion_pytorch_model.safetensors")
+    b = load_file(split / "prior" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    c = load_file(straight / "checkpoint-2" / "prior" / "diffusion_pytorch_model.safetensors")
+    assert any(not np.array_equal(a[k], c[k]) for k in a)  # training moved the weights
+
+
+def test_torchrun_two_processes(tiny_folders, sample_dataset, tmp_path):
+    """Both stages under DDP with 2 CPU processes (prior without find_unused_parameters)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, script_env
+
+    prior, decoder = tiny_folders
+    env = {**script_env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    for stage in ("prior", "decoder"):
+        out = tmp_path / stage
+        args = train_args(prior, decoder, sample_dataset, out, max_train_steps=2, report_to="none")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        cmd += ["--master_port", "29533", str(ROOT / "scripts" / f"train_text_to_image_{stage}.py")]
+        proc = subprocess.run(
+            cmd + args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        sub = "prior" if stage == "prior" else "unet"
+        assert (out / sub / "diffusion_pytorch_model.safetensors").is_file()
+        assert Path(out / "checkpoint-2" / "training_state.json").is_file()
