@@ -81,6 +81,16 @@ def test_bpe_source_override_errors(tmp_path, monkeypatch):
     assert len(vocab) == 49408
 
 
+def test_failed_download_names_the_override(tmp_path, monkeypatch):
+    def failing_pip(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: network is unreachable\n")
+
+    monkeypatch.setattr(clip_vocab.subprocess, "run", failing_pip)
+    with pytest.raises(UserError, match=f"network is unreachable.*{clip_vocab.ENV_BPE}"):
+        clip_vocab.fetch_open_clip_wheel(tmp_path)
+    assert not list(tmp_path.iterdir())  # no half-written wheel, no leftover temp folder
+
+
 def test_common_builders_stay_framework_free(tmp_path):
     code = (
         "import sys\n"
