@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -100,8 +99,7 @@ def build_decoder_pipeline(size: str = "tiny", seed: int = 0) -> KandinskyV22Pip
     unet = UNet2DConditionModel(**cfg["unet"])
     movq = VQModel(**cfg["movq"])
     scheduler_cfg = {k: v for k, v in cfg["decoder_scheduler"].items() if k != "_class_name"}
-    pipe = KandinskyV22Pipeline(unet=unet, scheduler=DDPMScheduler(**scheduler_cfg), movq=movq)
-    return pipe
+    return KandinskyV22Pipeline(unet=unet, scheduler=DDPMScheduler(**scheduler_cfg), movq=movq)
 
 
 def build_kandinsky_folders(
@@ -119,11 +117,8 @@ def build_kandinsky_folders(
     for d in (prior_dir, decoder_dir):
         if d.exists() and (not d.is_dir() or any(d.iterdir())):
             raise UserError(f"{d} already exists and is not empty; pass a new --out folder")
-    with warnings.catch_warnings():
-        # Random models are what we want; silence the "weights not initialised" style chatter.
-        warnings.simplefilter("ignore")
-        build_prior_pipeline(size, seed).save_pretrained(prior_dir, safe_serialization=True)
-        build_decoder_pipeline(size, seed).save_pretrained(decoder_dir, safe_serialization=True)
+    build_prior_pipeline(size, seed).save_pretrained(prior_dir, safe_serialization=True)
+    build_decoder_pipeline(size, seed).save_pretrained(decoder_dir, safe_serialization=True)
     _use_portable_processor_name(prior_dir)
     # The published tokenizer folder also carries vocab.json/merges.txt, which older transformers
     # releases and non-HF tokenizers read instead of tokenizer.json.
