@@ -80,7 +80,9 @@ def load_train_dataset(
     if max_train_samples is not None:
         seed = 0 if seed is None else seed
         count = min(max_train_samples, len(dataset))
-        dataset = dataset.shuffle(seed=seed).select(range(count))
+        # In memory: the default writes an indices file next to the data, which for a
+        # save_to_disk folder is the user's own directory. Same permutation either way.
+        dataset = dataset.shuffle(seed=seed, keep_in_memory=True).select(range(count))
     return dataset
 
 

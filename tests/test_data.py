@@ -89,6 +89,11 @@ def test_max_train_samples_is_the_references_subset(tmp_path):
     assert len(load(tmp_path, data_dir=str(root), max_samples=100, seed=1)) == 8
     with pytest.raises(UserError, match="max_train_samples"):
         load(tmp_path, data_dir=str(root), max_samples=0)
+    # A save_to_disk folder is the user's: loading a subset writes nothing into it.
+    full.save_to_disk(str(tmp_path / "saved"))
+    before = sorted(p.name for p in (tmp_path / "saved").iterdir())
+    load(tmp_path, name=str(tmp_path / "saved"), max_samples=3, seed=11)
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == before
 
 
 def test_decoder_needs_no_caption_column(tmp_path):
@@ -213,3 +218,37 @@ def test_path_and_bytes_image_columns_are_accepted(tmp_path):
     blob = png.read_bytes()
     by_bytes = load(tmp_path, name=_saved(tmp_path, "bytes", {"image": [blob], "text": [["a"]]}))
     assert by_bytes.features["image"] == datasets.Value("binary")
+
+
+def test_pipeline_end_to_end_without_torch_or_jax(tmp_path):
+    # The flax backend's data path: dataset -> sampler -> batches, in a process that must never
+    # import torch or jax (a fresh interpreter, since other tests import torch).
+    root = image_folder(tmp_path / "data", n=5)
+    code = f"""
+import sys
+from kandinsky_common.data import load_train_dataset
+from kandinsky_common.preprocess import BatchBuilder, Prefetcher
+from kandinsky_common.sampler import EpochSampler
+ds = load_train_dataset(None, None, {str(root)!r}, {str(tmp_path / "c")!r}, "image", None, 4, 0)
+sampler = EpochSampler(len(ds), 3, seed=0)
+build = BatchBuilder(ds, image_column="image", resolution=32)
+batches = ((e, s, build(i, e)) for e, s, i in sampler.iterate(num_batches=3))
+with Prefetcher(batches) as it:
+    for e, s, b in it:
+        print(e, s, b["pixel_values"].shape, b["clip_pixel_values"].shape)
+print("torch" in sys.modules, "jax" in sys.modules)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:4] == [
+        "0 0 (3, 3, 32, 32) (3, 3, 224, 224)",
+        "0 1 (3, 3, 32, 32) (3, 3, 224, 224)",
+        "1 0 (3, 3, 32, 32) (3, 3, 224, 224)",
+        "False False",
+    ]
