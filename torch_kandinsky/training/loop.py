@@ -197,61 +197,65 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
     )
     losses, window, t0 = [], [], time.perf_counter()
     shape = stage.x0_shape(cfg.train_batch_size, cfg.resolution)
-    for k, batch in enumerate(loader):
-        m = start + k
-        noise, timesteps = noise_stream.draw(
-            seed, m, accelerator.process_index, shape, stage.schedule.num_train_timesteps
-        )
-        loss = train_step(
-            accelerator,
-            stage,
-            model,
-            optimizer,
-            batch,
-            noise,
-            timesteps,
-            max_grad_norm=cfg.max_grad_norm,
-            snr_gamma=cfg.snr_gamma,
-        )
-        window.append(loss)
-        if accelerator.sync_gradients:
-            if not accelerator.optimizer_step_was_skipped:
-                lr_scheduler.step()
-            if ema is not None:
-                ema.step(accelerator.unwrap_model(model).parameters())
-            global_step += 1
-            mean = torch.tensor(float(np.mean(window)), device=accelerator.device)
-            train_loss = accelerator.gather(mean).mean().item()
-            window = []
-            losses.append(train_loss)
-            lr = lr_scheduler.get_last_lr()[0]
-            accelerator.log({"train_loss": train_loss, "lr": lr}, step=global_step)
-            samples = (global_step - start // accum) * accum * cfg.train_batch_size
-            rate = samples * accelerator.num_processes / (time.perf_counter() - t0)
-            bar.update(1)
-            bar.set_postfix(step_loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-            if global_step % cfg.checkpointing_steps == 0 or global_step == max_train_steps:
-                ckpt.save(
-                    accelerator,
-                    out,
-                    global_step,
-                    model,
-                    stage.spec,
-                    {
-                        "global_step": global_step,
-                        "stage": stage_name,
-                        "backend": "torch",
-                        "seed": seed,
-                        "use_ema": cfg.use_ema,
-                        "num_examples": len(dataset),
-                    },
-                    limit=cfg.checkpoints_total_limit,
+    try:
+        for k, batch in enumerate(loader):
+            m = start + k
+            noise, timesteps = noise_stream.draw(
+                seed, m, accelerator.process_index, shape, stage.schedule.num_train_timesteps
+            )
+            loss = train_step(
+                accelerator,
+                stage,
+                model,
+                optimizer,
+                batch,
+                noise,
+                timesteps,
+                max_grad_norm=cfg.max_grad_norm,
+                snr_gamma=cfg.snr_gamma,
+            )
+            window.append(loss)
+            if accelerator.sync_gradients:
+                if not accelerator.optimizer_step_was_skipped:
+                    lr_scheduler.step()
+                if ema is not None:
+                    ema.step(accelerator.unwrap_model(model).parameters())
+                global_step += 1
+                mean = torch.tensor(float(np.mean(window)), device=accelerator.device)
+                train_loss = accelerator.gather(mean).mean().item()
+                window = []
+                losses.append(train_loss)
+                lr = lr_scheduler.get_last_lr()[0]
+                accelerator.log({"train_loss": train_loss, "lr": lr}, step=global_step)
+                samples = (global_step - start // accum) * accum * cfg.train_batch_size
+                rate = samples * accelerator.num_processes / (time.perf_counter() - t0)
+                bar.update(1)
+                bar.set_postfix(
+                    step_loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}"
                 )
-        epoch, step_in_epoch = divmod(m, sampler.steps_per_epoch)
-        end_of_epoch = step_in_epoch == sampler.steps_per_epoch - 1
-        if end_of_epoch and cfg.validation_prompts and epoch % cfg.validation_epochs == 0:
-            _validate(accelerator, cfg, stage, model, ema, global_step)
-    bar.close()
+                if global_step % cfg.checkpointing_steps == 0 or global_step == max_train_steps:
+                    ckpt.save(
+                        accelerator,
+                        out,
+                        global_step,
+                        model,
+                        stage.spec,
+                        {
+                            "global_step": global_step,
+                            "stage": stage_name,
+                            "backend": "torch",
+                            "seed": seed,
+                            "use_ema": cfg.use_ema,
+                            "num_examples": len(dataset),
+                        },
+                        limit=cfg.checkpoints_total_limit,
+                    )
+            epoch, step_in_epoch = divmod(m, sampler.steps_per_epoch)
+            end_of_epoch = step_in_epoch == sampler.steps_per_epoch - 1
+            if end_of_epoch and cfg.validation_prompts and epoch % cfg.validation_epochs == 0:
+                _validate(accelerator, cfg, stage, model, ema, global_step)
+    finally:
+        bar.close()  # so an error line starts on a line of its own
 
     accelerator.wait_for_everyone()
     summary = {"stage": stage_name, "backend": "torch", "updates": global_step}
