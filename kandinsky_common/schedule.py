@@ -59,8 +59,8 @@ class NoiseSchedule:
 
     @property
     def alphas_cumprod(self) -> np.ndarray:
-        # torch.cumprod over float32 accumulates in float32 sequentially; np.cumprod does the same.
-        return np.cumprod(1.0 - self.betas, dtype=np.float32)
+        # torch.cumprod over float32 accumulates in double on the CPU: match it bit for bit.
+        return np.cumprod((1.0 - self.betas).astype(np.float64)).astype(np.float32)
 
     def snr(self, timesteps: np.ndarray) -> np.ndarray:
         """SNR_t = (sqrt(a_t) / sqrt(1 - a_t))^2, in float32 as diffusers' compute_snr."""
