@@ -158,7 +158,7 @@ _SIZES = {
             "num_layers": 4,
         },
         "unet": _unet(
-            (64, 128, 256),
+            (32, 64, 128),
             ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"),
             ("SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
             2,
@@ -167,7 +167,7 @@ _SIZES = {
             32,
         ),
         "movq": _movq(
-            (64, 128, 128, 256),
+            (32, 64, 64, 128),
             (
                 "DownEncoderBlock2D",
                 "DownEncoderBlock2D",
@@ -176,7 +176,7 @@ _SIZES = {
             ),
             ("AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"),
             1,
-            32,
+            16,
         ),
     },
     "real": {
