@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 import time
 from pathlib import Path
 
@@ -15,14 +14,11 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
-from kandinsky_common import checkpoints as ck
 from kandinsky_common import noise as noise_stream
-from kandinsky_common.data import load_train_dataset
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
 from kandinsky_common.folders import check_pipeline_folder, write_json
-from kandinsky_common.preprocess import BatchBuilder, load_image_processor_config
-from kandinsky_common.sampler import EpochSampler
+from kandinsky_common.run import plan_run
 from torch_kandinsky import checkpoint as ckpt
 from torch_kandinsky import validation
 from torch_kandinsky.export import export_pipeline
@@ -43,15 +39,14 @@ DTYPES = {None: torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16
 class _Steps(torch.utils.data.Dataset):
     """Micro-step k of the run -> that step's numpy batch (so DataLoader workers can prefetch)."""
 
-    def __init__(self, builder, sampler, start: int, stop: int):
-        self.builder, self.sampler, self.start, self.stop = builder, sampler, start, stop
+    def __init__(self, plan, start: int, stop: int):
+        self.plan, self.start, self.stop = plan, start, stop
 
     def __len__(self):
         return self.stop - self.start
 
     def __getitem__(self, k):
-        epoch, step = divmod(self.start + k, self.sampler.steps_per_epoch)
-        return self.builder(self.sampler.indices(epoch, step), epoch)
+        return self.plan.batch(self.start + k)
 
 
 def _check_environment(cfg: TrainConfig) -> None:
@@ -107,52 +102,17 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
 
     # Everything that can fail on user input happens before output_dir is touched.
     stage = _make_stage(cfg, stage_name, accelerator.device, weight_dtype)
-    dataset = load_train_dataset(
-        dataset_name=cfg.dataset_name,
-        dataset_config_name=cfg.dataset_config_name,
-        train_data_dir=cfg.train_data_dir,
-        cache_dir=cfg.cache_dir,
-        image_column=cfg.image_column,
-        caption_column=cfg.caption_column if stage.spec.uses_captions else None,
-        max_train_samples=cfg.max_train_samples,
-        seed=cfg.seed if cfg.seed is not None else 0,
-    )
-    resume = ck.resolve_resume(out, cfg.resume_from_checkpoint)
-    resumed_state = ck.read_state(resume) if resume else None
-    if resumed_state:
-        ck.check_compatible(resumed_state, stage=stage_name, backend="torch", path=resume)
-        if resumed_state.get("use_ema") != cfg.use_ema:
-            raise UserError(
-                f"checkpoint {resume} was saved with use_ema={not cfg.use_ema}; match it"
-            )
-    seed = cfg.seed
-    if seed is None:
-        seed = (
-            resumed_state["seed"]
-            if resumed_state
-            else int(np.random.SeedSequence().entropy % 2**31)
-        )
-
     prior_folder = stage.folder if stage_name == "prior" else stage.prior_folder
-    builder = BatchBuilder(
-        dataset,
-        image_column=cfg.image_column,
-        caption_column=cfg.caption_column if stage.spec.uses_captions else None,
+    plan = plan_run(
+        cfg,
+        stage.spec,
+        "torch",
         tokenizer=getattr(stage, "tokenizer", None),
-        resolution=cfg.resolution if stage.spec.uses_resolution else None,
-        image_processor_config=load_image_processor_config(prior_folder),
-        seed=seed,
-    )
-    sampler = EpochSampler(
-        len(dataset),
-        cfg.train_batch_size,
+        prior_folder=prior_folder,
         num_processes=accelerator.num_processes,
         process_index=accelerator.process_index,
-        seed=seed,
     )
-    accum = cfg.gradient_accumulation_steps
-    updates_per_epoch = math.ceil(sampler.steps_per_epoch / accum)
-    max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
+    accum, max_train_steps = plan.accum, plan.max_train_steps
 
     model = stage.model
     if cfg.gradient_checkpointing:
@@ -170,9 +130,9 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         accelerator.register_for_checkpointing(ema)
 
     global_step = 0
-    if resume is not None:
-        global_step = ckpt.load(accelerator, resume)["global_step"]
-        accelerator.print(f"resumed from {resume} at update {global_step}")
+    if plan.resume is not None:
+        global_step = ckpt.load(accelerator, plan.resume)["global_step"]
+        accelerator.print(f"resumed from {plan.resume} at update {global_step}")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         tracker_cfg = {
@@ -182,9 +142,9 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         }
         accelerator.init_trackers(cfg.tracker_project_name, tracker_cfg)
 
-    start, stop = global_step * accum, max_train_steps * accum
+    start, stop = plan.start_micro, plan.stop_micro
     loader = torch.utils.data.DataLoader(
-        _Steps(builder, sampler, start, stop),
+        _Steps(plan, start, stop),
         batch_size=None,
         num_workers=cfg.dataloader_num_workers,
         collate_fn=lambda b: b,
@@ -201,7 +161,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         for k, batch in enumerate(loader):
             m = start + k
             noise, timesteps = noise_stream.draw(
-                seed, m, accelerator.process_index, shape, stage.schedule.num_train_timesteps
+                plan.seed, m, accelerator.process_index, shape, stage.schedule.num_train_timesteps
             )
             loss = train_step(
                 accelerator,
@@ -240,19 +200,15 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                         global_step,
                         model,
                         stage.spec,
-                        {
-                            "global_step": global_step,
-                            "stage": stage_name,
-                            "backend": "torch",
-                            "seed": seed,
-                            "use_ema": cfg.use_ema,
-                            "num_examples": len(dataset),
-                        },
+                        plan.state(global_step, use_ema=cfg.use_ema),
                         limit=cfg.checkpoints_total_limit,
                     )
-            epoch, step_in_epoch = divmod(m, sampler.steps_per_epoch)
-            end_of_epoch = step_in_epoch == sampler.steps_per_epoch - 1
-            if end_of_epoch and cfg.validation_prompts and epoch % cfg.validation_epochs == 0:
+            epoch = plan.position(m)[0]
+            if (
+                plan.end_of_epoch(m)
+                and cfg.validation_prompts
+                and epoch % cfg.validation_epochs == 0
+            ):
                 _validate(accelerator, cfg, stage, model, ema, global_step)
     finally:
         bar.close()  # so an error line starts on a line of its own

@@ -1,0 +1,141 @@
+"""What both backends' loops share before the first step: data, sampler, horizon, seed, resume.
+
+`plan_run` does every check that can fail on user input (dataset, columns, checkpoint choice) and
+writes nothing, so a mistake exits before output_dir is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kandinsky_common import checkpoints as ck
+from kandinsky_common.data import load_train_dataset
+from kandinsky_common.errors import UserError
+from kandinsky_common.flags import TrainConfig
+from kandinsky_common.preprocess import BatchBuilder, load_image_processor_config
+from kandinsky_common.sampler import EpochSampler
+from kandinsky_common.stage_spec import StageSpec
+
+
+@dataclass
+class RunPlan:
+    spec: StageSpec
+    backend: str
+    dataset: object
+    builder: BatchBuilder
+    sampler: EpochSampler
+    seed: int
+    accum: int
+    max_train_steps: int  # optimizer updates
+    resume: Path | None
+    resumed_state: dict | None
+
+    @property
+    def start_micro(self) -> int:
+        step = self.resumed_state["global_step"] if self.resumed_state else 0
+        return step * self.accum
+
+    @property
+    def stop_micro(self) -> int:
+        return self.max_train_steps * self.accum
+
+    def position(self, micro: int) -> tuple[int, int]:
+        """(epoch, step in epoch) of micro-step `micro` (micro-batches run on across epochs)."""
+        return divmod(micro, self.sampler.steps_per_epoch)
+
+    def end_of_epoch(self, micro: int) -> bool:
+        return self.position(micro)[1] == self.sampler.steps_per_epoch - 1
+
+    def batch(self, micro: int) -> dict[str, np.ndarray]:
+        """This process's numpy batch of micro-step `micro`: a pure function of the position."""
+        epoch, step = self.position(micro)
+        return self.builder(self.sampler.indices(epoch, step), epoch)
+
+    def state(self, global_step: int, **extra) -> dict:
+        """training_state.json of a checkpoint taken after `global_step` updates."""
+        return {
+            "global_step": global_step,
+            "stage": self.spec.name,
+            "backend": self.backend,
+            "seed": self.seed,
+            "num_examples": len(self.dataset),
+            "global_batch": self.sampler.global_batch,
+            "gradient_accumulation_steps": self.accum,
+            **extra,
+        }
+
+
+def plan_run(
+    cfg: TrainConfig,
+    spec: StageSpec,
+    backend: str,
+    *,
+    tokenizer,
+    prior_folder: Path,
+    num_processes: int,
+    process_index: int,
+    resumed_state: dict | None = None,
+) -> RunPlan:
+    dataset = load_train_dataset(
+        dataset_name=cfg.dataset_name,
+        dataset_config_name=cfg.dataset_config_name,
+        train_data_dir=cfg.train_data_dir,
+        cache_dir=cfg.cache_dir,
+        image_column=cfg.image_column,
+        caption_column=cfg.caption_column if spec.uses_captions else None,
+        max_train_samples=cfg.max_train_samples,
+        seed=cfg.seed if cfg.seed is not None else 0,
+    )
+    resume = ck.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    if resumed_state is None and resume is not None:
+        resumed_state = ck.read_state(resume)
+    if resumed_state:
+        ck.check_compatible(resumed_state, stage=spec.name, backend=backend, path=resume)
+        if resumed_state.get("use_ema", cfg.use_ema) != cfg.use_ema:
+            raise UserError(
+                f"{resume} was saved with use_ema={not cfg.use_ema}; pass the same --use_ema"
+            )
+        if resumed_state.get("num_examples", len(dataset)) != len(dataset):
+            raise UserError(
+                f"{resume} was trained on {resumed_state['num_examples']} examples, the data now "
+                f"has {len(dataset)}; resume with the same data or start a new --output_dir"
+            )
+    seed = cfg.seed
+    if seed is None:  # still one recorded stream, so a resumed run continues it exactly
+        fresh = int(np.random.SeedSequence().entropy % 2**31)
+        seed = resumed_state["seed"] if resumed_state else fresh
+    builder = BatchBuilder(
+        dataset,
+        image_column=cfg.image_column,
+        caption_column=cfg.caption_column if spec.uses_captions else None,
+        tokenizer=tokenizer if spec.uses_captions else None,
+        resolution=cfg.resolution if spec.uses_resolution else None,
+        image_processor_config=load_image_processor_config(prior_folder),
+        seed=seed,
+    )
+    sampler = EpochSampler(
+        len(dataset),
+        cfg.train_batch_size,
+        num_processes=num_processes,
+        process_index=process_index,
+        seed=seed,
+    )
+    accum = cfg.gradient_accumulation_steps
+    updates_per_epoch = math.ceil(sampler.steps_per_epoch / accum)
+    max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
+    return RunPlan(
+        spec=spec,
+        backend=backend,
+        dataset=dataset,
+        builder=builder,
+        sampler=sampler,
+        seed=seed,
+        accum=accum,
+        max_train_steps=max_train_steps,
+        resume=resume,
+        resumed_state=resumed_state,
+    )
