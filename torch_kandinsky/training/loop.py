@@ -18,11 +18,11 @@ from kandinsky_common import noise as noise_stream
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
 from kandinsky_common.folders import check_pipeline_folder, write_json
+from kandinsky_common.hub import check_hub, push_folder
 from kandinsky_common.run import plan_run
 from torch_kandinsky import checkpoint as ckpt
 from torch_kandinsky import validation
 from torch_kandinsky.export import export_pipeline
-from torch_kandinsky.hub import check_hub, push_folder
 from torch_kandinsky.stages import DecoderStage, PriorStage
 from torch_kandinsky.training.optim import (
     check_xformers,

@@ -1,0 +1,102 @@
+"""The one training step of the flax backend: a pure function of arrays under jax.jit.
+
+One call is one optimizer update: `lax.scan` runs the `accum` micro-batches (frozen encoders, loss,
+grads), the mean gradient goes through optax (clip, AdamW, LR schedule), then EMA. The state is
+donated, and every array is sharded over the mesh by the one rule of sharding.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from flax_kandinsky import sharding as sh
+from flax_kandinsky.diffusion import add_noise, diffusion_loss, get_target
+from flax_kandinsky.training.optim import ema_update
+
+
+def init_state(params, tx, use_ema: bool) -> dict:
+    """The arrays that change every update (what a checkpoint holds), as a dict pytree."""
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    if use_ema:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    return state
+
+
+@dataclass
+class StepFn:
+    """The jitted step and the shardings its arguments must have."""
+
+    fn: Any  # (state, consts, batch, noise, timesteps) -> (state, metrics)
+    state_shardings: Any
+    const_shardings: Any
+
+
+def split_stage(stage):
+    """(graphdefs, trainable params, constants): constants = frozen encoders + model non-params."""
+    graphdef, params, rest = nnx.split(stage.model, nnx.Param, ...)
+    frozen = {k: nnx.split(m) for k, m in stage.frozen.items()}
+    graphdefs = {"model": graphdef, **{k: g for k, (g, _) in frozen.items()}}
+    consts = {"model_rest": rest, **{k: s for k, (_, s) in frozen.items()}}
+    return graphdefs, params, consts
+
+
+def stage_loss(stage, graphdefs, params, consts, batch, noise, timesteps, alphas_cumprod, gamma):
+    """Loss of the trainable params on one micro-batch (frozen encoders run here, no grad)."""
+    model = nnx.merge(graphdefs["model"], params, consts["model_rest"])
+    frozen = {k: nnx.merge(graphdefs[k], consts[k]) for k in stage.frozen}
+    enc = jax.lax.stop_gradient(stage.encode(frozen, batch))
+    x0 = stage.x0(model, enc)
+    noise = noise.astype(x0.dtype)
+    x_t = add_noise(x0, noise, timesteps, alphas_cumprod)
+    pred = stage.predict(model, x_t, timesteps, enc)
+    pt = stage.schedule.prediction_type
+    target = get_target(pt, x0, noise, timesteps, alphas_cumprod)
+    return diffusion_loss(pred, target, timesteps, alphas_cumprod, pt, gamma)
+
+
+def make_train_step(stage, graphdefs, tx, mesh, state, consts, *, snr_gamma, use_ema) -> StepFn:
+    """Jit the update for this stage; `state`/`consts` give shapes and shardings."""
+    alphas_cumprod = jnp.asarray(stage.schedule.alphas_cumprod)
+
+    def loss_fn(params, consts, batch, noise, timesteps):
+        return stage_loss(
+            stage, graphdefs, params, consts, batch, noise, timesteps, alphas_cumprod, snr_gamma
+        )
+
+    def train_step(state, consts, batch, noise, timesteps):
+        params = state["params"]
+
+        def micro(grads, xs):
+            b, n, t = xs
+            loss, g = jax.value_and_grad(loss_fn)(params, consts, b, n, t)
+            return jax.tree.map(jnp.add, grads, g), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, losses = jax.lax.scan(micro, zeros, (batch, noise, timesteps))
+        accum = losses.shape[0]
+        grads = jax.tree.map(lambda g: g / accum, grads)  # torch: loss / accum per micro-step
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        step = state["step"] + 1
+        new = {"params": params, "opt_state": opt_state, "step": step}
+        if use_ema:
+            new["ema"] = ema_update(state["ema"], params, step)
+        metrics = {"loss": jnp.mean(losses), "grad_norm": optax.global_norm(grads)}
+        return new, metrics
+
+    state_sh = sh.tree_shardings(mesh, state)
+    const_sh = sh.tree_shardings(mesh, consts)
+    data_sh = sh.batch_sharding(mesh, leading=1)
+    fn = jax.jit(
+        train_step,
+        in_shardings=(state_sh, const_sh, data_sh, data_sh, data_sh),
+        out_shardings=(state_sh, sh.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    return StepFn(fn=fn, state_shardings=state_sh, const_shardings=const_sh)
