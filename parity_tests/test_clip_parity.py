@@ -169,6 +169,26 @@ def test_save_loads_in_transformers(kind, tmp_path):
     assert all(np.array_equal(back[k], v) for k, v in sd.items())
 
 
+@pytest.mark.parametrize("kind", ["text", "vision"])
+def test_loads_folder_saved_by_transformers(kind, tmp_path):
+    """save_pretrained output (fp32, and fp16 like the published text encoder) -> Flax loader."""
+    configs = get_configs("tiny")
+    if kind == "text":
+        ref, _ = _text_pair(configs["text_encoder"], seed=6)
+        load, table = clip.load_text_encoder, TEXT_TABLE
+    else:
+        ref, _ = _vision_pair(configs["image_encoder"], seed=6)
+        load, table = clip.load_image_encoder, VISION_TABLE
+    for dtype in (torch.float32, torch.float16):
+        folder = tmp_path / str(dtype)
+        ref.to(dtype).save_pretrained(folder)
+        model, config = load(folder)
+        assert config["model_type"].startswith("clip_")
+        back = to_torch_layout(model, table)
+        for k, v in torch_sd(ref).items():
+            assert back[k].dtype == np.float32 and np.array_equal(back[k], v.astype(np.float32))
+
+
 def abstract_torch_shapes(model: nnx.Module, table: Table) -> dict[str, tuple[int, ...]]:
     """Torch key -> torch shape of an abstract (eval_shape) Flax model, through `table`."""
     out = {}

@@ -47,9 +47,10 @@ def make_inputs(config: dict, batch: int, seed: int, masked: bool):
     proj = rng.standard_normal((batch, dim), np.float32)
     enc = rng.standard_normal((batch, n, dim), np.float32)
     mask = None
-    if masked:  # trailing zeros of different lengths (row 0 keeps all tokens)
-        lengths = [n] + [int(v) for v in rng.integers(2, n, batch - 1)]
-        mask = np.arange(n)[None] < np.asarray(lengths)[:, None]
+    if masked:  # trailing zeros of different lengths; with B > 1, row 0 keeps all its tokens
+        lengths = rng.integers(2, n, batch)
+        lengths[0] = n if batch > 1 else lengths[0]
+        mask = np.arange(n)[None] < lengths[:, None]
     return x, t, proj, enc, mask
 
 
@@ -151,6 +152,16 @@ def test_save_loads_in_diffusers(tmp_path, tol):
     assert cfg["_class_name"] == "PriorTransformer"
     back = to_torch_layout(again, PRIOR_TABLE)
     assert all(np.array_equal(back[k], v) for k, v in sd.items())
+
+
+def test_loads_folder_saved_by_diffusers(tmp_path):
+    ref, _ = make_pair(get_configs("tiny")["prior"], seed=5)
+    ref.save_pretrained(tmp_path)
+    model, config = prior.load_prior(tmp_path)
+    assert config["_class_name"] == "PriorTransformer"
+    back = to_torch_layout(model, PRIOR_TABLE)
+    assert sorted(back) == sorted(torch_sd(ref))
+    assert all(np.array_equal(back[k], v) for k, v in torch_sd(ref).items())
 
 
 def test_real_config_names_shapes_counts():

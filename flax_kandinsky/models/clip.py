@@ -63,8 +63,9 @@ def _read(config: dict, defaults: dict, model_type: str, what: str) -> dict:
     for k, v in out.items():
         if k in ("hidden_act", "layer_norm_eps"):
             continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "eos_token_id" else 1):
-            raise UserError(f"{what} config: {k}={v!r} must be a positive integer")
+        least = 0 if k == "eos_token_id" else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise UserError(f"{what} config: {k}={v!r} must be an integer >= {least}")
     if out["hidden_act"] not in _ACTS:
         raise UserError(
             f"{what} config: hidden_act={out['hidden_act']!r} is not supported; use one of {_ACTS}"
