@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from transformers import CLIPTokenizer
 
 from flax_kandinsky.models.clip import load_image_encoder, load_text_encoder
 from flax_kandinsky.models.movq import load_movq
@@ -58,6 +59,7 @@ class PriorStage(Stage):
     def __init__(self, prior_dir, *, dtype=None, frozen_dtype=jnp.float32, remat=False):
         folder = check_pipeline_folder(prior_dir, "prior", "--pretrained_prior_model_name_or_path")
         self.folder = folder
+        self.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         kw = dict(dtype=dtype, param_dtype=frozen_dtype)
         self.frozen = {
             "text_encoder": load_text_encoder(folder / "text_encoder", **kw)[0],

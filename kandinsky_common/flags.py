@@ -28,7 +28,7 @@ LR_SCHEDULERS = (
     "piecewise_constant",
 )
 REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all", "none")
-BACKENDS = ("torch",)
+BACKENDS = ("flax", "torch")
 STAGES = ("prior", "decoder")
 
 
@@ -106,9 +106,26 @@ class TrainConfig:
         None, "piecewise_constant rules, e.g. '1:100,0.1:200,0.01' (multiplier:until_step,...)."
     )
     validation_steps: int = _f(20, "Decoder denoising steps of validation images.")
+    mesh_shape: str | None = _f(
+        None, "flax: device mesh, e.g. 'data=4,fsdp=2' (default: every device on 'data')."
+    )
+    coordinator_address: str | None = _f(
+        None, "flax multi-host: host:port of process 0 (TPU pods detect it themselves)."
+    )
+    num_processes: int | None = _f(None, "flax multi-host: number of processes.")
+    process_id: int | None = _f(None, "flax multi-host: this process's index.")
 
 
-OUR_FLAGS = ("backend", "prediction_type", "lr_step_rules", "validation_steps")
+OUR_FLAGS = (
+    "backend",
+    "prediction_type",
+    "lr_step_rules",
+    "validation_steps",
+    "mesh_shape",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+)
 DIFFUSERS_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in OUR_FLAGS)
 
 
@@ -188,6 +205,37 @@ def validate(cfg: TrainConfig, stage: str) -> None:
         raise UserError(
             "--hub_token with --report_to wandb would expose the token; use `hf auth login` instead"
         )
+    if cfg.backend == "flax":
+        _validate_flax(cfg)
+    elif cfg.mesh_shape or cfg.coordinator_address or cfg.num_processes or cfg.process_id:
+        raise UserError(
+            "--mesh_shape/--coordinator_address/--num_processes/--process_id are flax flags; "
+            "the torch backend is launched with torchrun"
+        )
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file; pass a folder path")
+
+
+def _validate_flax(cfg: TrainConfig) -> None:
+    """Flags the flax backend cannot honour exit 2 with the reason, before any work."""
+    if cfg.mixed_precision == "fp16":
+        raise UserError(
+            "--mixed_precision fp16 is not available on the flax backend (TPUs have no fp16); "
+            "use bf16: bf16 compute with fp32 master weights"
+        )
+    if cfg.use_8bit_adam:
+        raise UserError("--use_8bit_adam is a bitsandbytes (CUDA) optimizer; drop it for flax")
+    if cfg.enable_xformers_memory_efficient_attention:
+        raise UserError(
+            "--enable_xformers_memory_efficient_attention is CUDA/PyTorch only; the flax "
+            "backend's attention is compiled by XLA"
+        )
+    if cfg.validation_prompts:
+        raise UserError(
+            "--validation_prompts needs JAX sampling, not in the flax backend yet; train with "
+            "--backend torch for validation images, or generate afterwards with "
+            "scripts/generate.py"
+        )
+    if (cfg.num_processes is None) != (cfg.process_id is None):
+        raise UserError("--num_processes and --process_id go together (with --coordinator_address)")

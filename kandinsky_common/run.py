@@ -78,8 +78,12 @@ def plan_run(
     prior_folder: Path,
     num_processes: int,
     process_index: int,
+    per_process_batch: int | None = None,
+    builder_threads: int = 1,
     resumed_state: dict | None = None,
 ) -> RunPlan:
+    """per_process_batch: examples per process and micro-step (default: --train_batch_size, the
+    torch backend's one device per process; the flax backend passes batch x local devices)."""
     dataset = load_train_dataset(
         dataset_name=cfg.dataset_name,
         dataset_config_name=cfg.dataset_config_name,
@@ -116,10 +120,11 @@ def plan_run(
         resolution=cfg.resolution if spec.uses_resolution else None,
         image_processor_config=load_image_processor_config(prior_folder),
         seed=seed,
+        num_threads=builder_threads,
     )
     sampler = EpochSampler(
         len(dataset),
-        cfg.train_batch_size,
+        per_process_batch or cfg.train_batch_size,
         num_processes=num_processes,
         process_index=process_index,
         seed=seed,

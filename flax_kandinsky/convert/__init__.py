@@ -15,6 +15,7 @@ from flax_kandinsky.convert.engine import (
     Rule,
     Table,
     flat_state,
+    flatten,
     load_into,
     to_torch_layout,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "Rule",
     "Table",
     "flat_state",
+    "flatten",
     "load_into",
     "to_torch_layout",
 ]

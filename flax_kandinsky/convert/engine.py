@@ -123,6 +123,11 @@ def _key(path) -> str:
     return ".".join(str(getattr(p, "key", p)) for p in path)
 
 
+def flatten(state) -> dict[str, np.ndarray]:
+    """Flat dotted-key dict of an nnx.State (e.g. gradients), as numpy."""
+    return {_key(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
+
+
 def flat_state(model: nnx.Module, kind=nnx.Param) -> dict[str, np.ndarray]:
     """Flat dotted-key dict of a model's variables of `kind` (default: parameters), as numpy."""
     state = nnx.state(model, kind)

@@ -1,0 +1,225 @@
+"""The one training loop of the flax backend: data -> jitted step -> log -> checkpoint -> export."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from flax_kandinsky import sharding as sh
+from flax_kandinsky.checkpoint import CheckpointStore
+from flax_kandinsky.stages import DecoderStage, PriorStage
+from flax_kandinsky.training.optim import make_optimizer
+from flax_kandinsky.training.step import init_state, make_train_step, split_stage
+from kandinsky_common import noise as noise_stream
+from kandinsky_common.errors import UserError
+from kandinsky_common.flags import TrainConfig
+from kandinsky_common.folders import write_json
+from kandinsky_common.hub import check_hub, push_folder
+from kandinsky_common.lr_schedules import learning_rate_at
+from kandinsky_common.preemption import PreemptionGuard
+from kandinsky_common.preprocess import Prefetcher
+from kandinsky_common.run import RunPlan, plan_run
+from kandinsky_common.tracking import Tracker
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN/Inf; training stops, the last good checkpoint is kept."""
+
+
+def init_distributed(cfg: TrainConfig) -> None:
+    """Multi-host: explicit flags, or a TPU pod's own environment. Single host: nothing."""
+    if cfg.coordinator_address or cfg.num_processes:
+        jax.distributed.initialize(
+            coordinator_address=cfg.coordinator_address,
+            num_processes=cfg.num_processes,
+            process_id=cfg.process_id,
+        )
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
+def make_stage(cfg: TrainConfig, stage_name: str):
+    bf16 = cfg.mixed_precision == "bf16"
+    kw = dict(
+        dtype=jnp.bfloat16 if bf16 else None,
+        frozen_dtype=jnp.bfloat16 if bf16 else jnp.float32,
+        remat=cfg.gradient_checkpointing,
+    )
+    if stage_name == "prior":
+        return PriorStage(cfg.pretrained_prior_model_name_or_path, **kw)
+    return DecoderStage(
+        cfg.pretrained_decoder_model_name_or_path,
+        cfg.pretrained_prior_model_name_or_path,
+        prediction_type=cfg.prediction_type,
+        **kw,
+    )
+
+
+def host_batches(plan: RunPlan, stage, first_update: int, shape: tuple[int, ...]):
+    """Per update: this process's (batch, noise, timesteps), micro-batches stacked on axis 0."""
+    pid = jax.process_index()
+    for update in range(first_update, plan.max_train_steps):
+        micros = range(update * plan.accum, (update + 1) * plan.accum)
+        batches = [plan.batch(m) for m in micros]
+        draws = [
+            noise_stream.draw(plan.seed, m, pid, shape, stage.schedule.num_train_timesteps)
+            for m in micros
+        ]
+        batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+        noise = np.stack([stage.noise_layout(n) for n, _ in draws])  # (accum, B, ...)
+        timesteps = np.stack([t for _, t in draws])  # (accum, B)
+        yield update, batch, noise, timesteps
+
+
+def _gather_to_host(tree):
+    """Full numpy copy of a (possibly multi-host sharded) pytree; every process must call it."""
+    return jax.tree.map(
+        lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree
+    )
+
+
+def train(cfg: TrainConfig, stage_name: str) -> dict:
+    """Run a whole training job; returns a summary (losses, paths). Raises UserError early."""
+    init_distributed(cfg)
+    if cfg.push_to_hub:
+        check_hub(cfg)
+    if cfg.allow_tf32:
+        jax.config.update("jax_default_matmul_precision", "tensorfloat32")
+    mesh = sh.make_mesh(cfg.mesh_shape)
+    main = jax.process_index() == 0
+
+    # Everything that can fail on user input happens before output_dir is touched.
+    stage = make_stage(cfg, stage_name)
+    prior_folder = stage.folder if stage_name == "prior" else stage.prior_folder
+    plan = plan_run(
+        cfg,
+        stage.spec,
+        "flax",
+        tokenizer=getattr(stage, "tokenizer", None),
+        prior_folder=prior_folder,
+        num_processes=jax.process_count(),
+        process_index=jax.process_index(),
+        per_process_batch=cfg.train_batch_size * jax.local_device_count(),
+        builder_threads=max(1, cfg.dataloader_num_workers),
+    )
+    out = Path(cfg.output_dir)
+    graphdefs, params, consts = split_stage(stage)
+    tx = make_optimizer(cfg, plan.max_train_steps)
+    abstract = jax.eval_shape(lambda p: init_state(p, tx, cfg.use_ema), params)
+    step = make_train_step(
+        stage, graphdefs, tx, mesh, abstract, consts, snr_gamma=cfg.snr_gamma, use_ema=cfg.use_ema
+    )
+    consts = jax.device_put(consts, step.const_shardings)
+    params = jax.device_put(params, step.state_shardings["params"])
+    state = jax.jit(lambda p: init_state(p, tx, cfg.use_ema), out_shardings=step.state_shardings)(
+        params
+    )
+    del params
+    store = CheckpointStore(out, cfg.checkpoints_total_limit)
+    global_step = 0
+    if plan.resume is not None:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract,
+            step.state_shardings,
+        )
+        state, meta = store.restore(plan.resume, target)
+        global_step = int(meta["global_step"])
+        if main:
+            print(f"resumed from {plan.resume} at update {global_step}")
+    tracker = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        tracker_cfg = {k: str(v) for k, v in dataclasses.asdict(cfg).items()}
+        tracker = (
+            Tracker(cfg.report_to, out / cfg.logging_dir, cfg.tracker_project_name, tracker_cfg)
+            if cfg.report_to != "none"
+            else None
+        )
+
+    local_b = cfg.train_batch_size * jax.local_device_count()
+    shape = stage.x0_shape(local_b, cfg.resolution)
+    bar = tqdm(
+        total=plan.max_train_steps,
+        initial=global_step,
+        desc=f"{stage_name} (flax)",
+        disable=not main,
+    )
+    losses, t0, samples = [], time.perf_counter(), 0
+    pending = None  # metrics of the previous update, read after the next one is dispatched
+
+    def finish(update, metrics):
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+            raise NonFiniteLoss(
+                f"the loss became {loss} at optimizer update {update}; lower --learning_rate and "
+                f"resume from the last checkpoint in {out}"
+            )
+        losses.append(loss)
+        lr = learning_rate_at(cfg, plan.max_train_steps, update - 1)
+        if tracker is not None:
+            tracker.scalars({"train_loss": loss, "lr": lr}, update)
+        rate = samples / (time.perf_counter() - t0)
+        bar.update(1)
+        bar.set_postfix(step_loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+
+    preempted = False
+    source = Prefetcher(host_batches(plan, stage, global_step, shape), depth=2)
+    try:
+        with PreemptionGuard() as guard:
+            for update, batch, noise, timesteps in source:
+                g_batch = sh.global_batch(mesh, batch, leading=1)
+                g_noise, g_t = sh.global_batch(mesh, {"n": noise, "t": timesteps}).values()
+                state, metrics = step.fn(state, consts, g_batch, g_noise, g_t)
+                global_step = update + 1
+                samples += plan.accum * plan.sampler.global_batch
+                if pending is not None:
+                    finish(*pending)
+                pending = (global_step, metrics)
+                due = global_step % cfg.checkpointing_steps == 0
+                if due or global_step == plan.max_train_steps or guard.requested:
+                    finish(*pending)
+                    pending = None
+                    store.save(global_step, state, plan.state(global_step, use_ema=cfg.use_ema))
+                if guard.requested:
+                    preempted = True
+                    break
+            if pending is not None:
+                finish(*pending)
+    finally:
+        source.close()
+        bar.close()  # so an error line starts on a line of its own
+        store.wait()
+
+    summary = {"stage": stage_name, "backend": "flax", "updates": global_step}
+    if preempted:
+        summary["preempted"] = True
+        store.close()
+        return summary
+    final = _gather_to_host(state["ema"] if cfg.use_ema else state["params"])
+    store.close()
+    if main:
+        model = stage.model
+        nnx.update(model, final)
+        stage.export(model, out)
+        summary.update(
+            loss_first=losses[0] if losses else None,
+            loss_last=losses[-1] if losses else None,
+            seconds=round(time.perf_counter() - t0, 2),
+            output_dir=str(out.resolve()),
+        )
+        write_json(out / "train_summary.json", summary)
+        if tracker is not None:
+            tracker.close()
+        if cfg.push_to_hub:
+            push_folder(cfg)
+    return summary
