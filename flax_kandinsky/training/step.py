@@ -17,7 +17,7 @@ from flax import nnx
 
 from flax_kandinsky import sharding as sh
 from flax_kandinsky.diffusion import add_noise, diffusion_loss, get_target
-from flax_kandinsky.training.optim import ema_update
+from flax_kandinsky.training.optim import accumulate_grads, ema_update
 
 
 def init_state(params, tx, use_ema: bool) -> dict:
@@ -71,16 +71,15 @@ def make_train_step(stage, graphdefs, tx, mesh, state, consts, *, snr_gamma, use
 
     def train_step(state, consts, batch, noise, timesteps):
         params = state["params"]
+        accum = timesteps.shape[0]  # static: micro-batches per update
 
         def micro(grads, xs):
             b, n, t = xs
             loss, g = jax.value_and_grad(loss_fn)(params, consts, b, n, t)
-            return jax.tree.map(jnp.add, grads, g), loss
+            return accumulate_grads(grads, g, accum), loss
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, losses = jax.lax.scan(micro, zeros, (batch, noise, timesteps))
-        accum = losses.shape[0]
-        grads = jax.tree.map(lambda g: g / accum, grads)  # torch: loss / accum per micro-step
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
         step = state["step"] + 1
