@@ -217,6 +217,8 @@ def test_bf16_compute_keeps_fp32_params():
     movq = random_model(VQModel, MOVQ, dtype=jnp.bfloat16)
     lat = jax.eval_shape(lambda m: m.encode(jnp.zeros((1, 16, 16, 3))), movq)
     assert lat.shape == (1, 8, 8, 4) and lat.dtype == jnp.bfloat16
+    img = jax.eval_shape(lambda m: m.decode(jnp.zeros((1, 8, 8, 4)), True), movq)
+    assert img.shape == (1, 16, 16, 3) and img.dtype == jnp.bfloat16
 
 
 def test_vector_quantizer_picks_the_nearest_code_with_straight_through_grads():

@@ -164,8 +164,8 @@ class EncoderBlock(nnx.Module):
         add_attention,
         add_downsample,
         act,
-        dtype,
-        param_dtype,
+        dtype=None,
+        param_dtype=jnp.float32,
         rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -226,8 +226,8 @@ class DecoderBlock(nnx.Module):
         add_attention,
         add_upsample,
         act,
-        dtype,
-        param_dtype,
+        dtype=None,
+        param_dtype=jnp.float32,
         rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -270,7 +270,19 @@ class MidBlock(nnx.Module):
         add_attention: mid_block_add_attention. act, dtype, param_dtype, rngs: as everywhere.
     """
 
-    def __init__(self, channels, *, groups, zq_channels, add_attention, act, **kw):
+    def __init__(
+        self,
+        channels,
+        *,
+        groups,
+        zq_channels,
+        add_attention,
+        act,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if zq_channels is None:
             resnets = [
                 ResnetBlock2D(
@@ -304,7 +316,7 @@ class Encoder(nnx.Module):
     """diffusers vae.Encoder with double_z=False: conv_in, down_blocks, mid_block, conv_norm_out,
     activation, conv_out. Parameters: the resolved MoVQ config `cfg`; dtype, param_dtype, rngs."""
 
-    def __init__(self, cfg, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         boc, groups, act = cfg["block_out_channels"], cfg["norm_num_groups"], cfg["act_fn"]
         n = len(boc)
@@ -350,7 +362,7 @@ class Decoder(nnx.Module):
     conv_norm_out (SpatialNorm), activation, conv_out; every norm is conditioned on zq.
     Parameters: the resolved MoVQ config `cfg`; dtype, param_dtype, rngs."""
 
-    def __init__(self, cfg, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg, *, dtype=None, param_dtype=jnp.float32, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         boc, act, zq_ch = cfg["block_out_channels"], cfg["act_fn"], cfg["latent_channels"]
         n = len(boc)
@@ -396,7 +408,7 @@ class VectorQuantizer(nnx.Module):
     Parameters: n_e codebook size, vq_embed_dim code width, dtype, param_dtype, rngs.
     """
 
-    def __init__(self, n_e, vq_embed_dim, *, dtype, param_dtype, rngs):
+    def __init__(self, n_e, vq_embed_dim, *, dtype=None, param_dtype=jnp.float32, rngs):
         self.embedding = nnx.Embed(
             n_e, vq_embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )

@@ -191,7 +191,16 @@ class TimestepEmbedding(nnx.Module):
         act_fn: activation name. dtype, param_dtype, rngs: as everywhere.
     """
 
-    def __init__(self, in_channels, time_embed_dim, act_fn="silu", *, dtype, param_dtype, rngs):
+    def __init__(
+        self,
+        in_channels,
+        time_embed_dim,
+        act_fn="silu",
+        *,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs,
+    ):
         self.act = get_activation(act_fn)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.linear_1 = linear(in_channels, time_embed_dim, **kw)
@@ -215,8 +224,8 @@ class ImageProjection(nnx.Module):
         cross_attention_dim,
         num_image_text_embeds=32,
         *,
-        dtype,
-        param_dtype,
+        dtype=None,
+        param_dtype=jnp.float32,
         rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -241,7 +250,9 @@ class ImageTimeEmbedding(nnx.Module):
         dtype, param_dtype, rngs: as everywhere.
     """
 
-    def __init__(self, image_embed_dim, time_embed_dim, *, dtype, param_dtype, rngs):
+    def __init__(
+        self, image_embed_dim, time_embed_dim, *, dtype=None, param_dtype=jnp.float32, rngs
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.image_proj = linear(image_embed_dim, time_embed_dim, **kw)
         self.image_norm = layer_norm(time_embed_dim, 1e-5, **kw)
@@ -302,15 +313,13 @@ class UNet2DConditionModel(nnx.Module):
             time_embedding_norm=cfg["resnet_time_scale_shift"],
             skip_time_act=bool(cfg["resnet_skip_time_act"]),
             output_scale_factor=cfg["resnet_out_scale_factor"],
-            dtype=dtype,
-            param_dtype=param_dtype,
         )
         down_blocks, out_ch = [], boc[0]
         for i, block_type in enumerate(cfg["down_block_types"]):
             in_ch, out_ch = out_ch, boc[i]
-            common = dict(num_layers=layers[i], add_downsample=i < n - 1, rs=rs, remat=remat)
+            common = dict(num_layers=layers[i], add_downsample=i < n - 1, rs=rs, remat=remat, **kw)
             if block_type.removeprefix("UNetRes") == "ResnetDownsampleBlock2D":
-                block = ResnetDownsampleBlock2D(in_ch, out_ch, **common, rngs=rngs)
+                block = ResnetDownsampleBlock2D(in_ch, out_ch, **common)
             else:
                 block = SimpleCrossAttnDownBlock2D(
                     in_ch,
@@ -318,7 +327,6 @@ class UNet2DConditionModel(nnx.Module):
                     head_dim=head_dims[i],
                     cross_attention_dim=cross,
                     **common,
-                    rngs=rngs,
                 )
             down_blocks.append(block)
         self.down_blocks = nnx.List(down_blocks)
@@ -330,7 +338,7 @@ class UNet2DConditionModel(nnx.Module):
             cross_attention_dim=cross,
             rs=mid_rs,
             remat=remat,
-            rngs=rngs,
+            **kw,
         )
 
         # diffusers indexes attention_head_dim by the up block position without reversing it.
@@ -339,9 +347,11 @@ class UNet2DConditionModel(nnx.Module):
         up_blocks, out_ch = [], rev[0]
         for i, block_type in enumerate(cfg["up_block_types"]):
             prev, out_ch, in_ch = out_ch, rev[i], rev[min(i + 1, n - 1)]
-            common = dict(num_layers=rev_layers[i] + 1, add_upsample=i < n - 1, rs=rs, remat=remat)
+            common = dict(
+                num_layers=rev_layers[i] + 1, add_upsample=i < n - 1, rs=rs, remat=remat, **kw
+            )
             if block_type.removeprefix("UNetRes") == "ResnetUpsampleBlock2D":
-                block = ResnetUpsampleBlock2D(in_ch, prev, out_ch, **common, rngs=rngs)
+                block = ResnetUpsampleBlock2D(in_ch, prev, out_ch, **common)
             else:
                 block = SimpleCrossAttnUpBlock2D(
                     in_ch,
@@ -350,7 +360,6 @@ class UNet2DConditionModel(nnx.Module):
                     head_dim=head_dims[i],
                     cross_attention_dim=cross,
                     **common,
-                    rngs=rngs,
                 )
             up_blocks.append(block)
         self.up_blocks = nnx.List(up_blocks)

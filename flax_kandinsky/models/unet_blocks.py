@@ -74,21 +74,21 @@ class AddedKVAttention(nnx.Module):
         return o.reshape(b, h, w, c) + residual  # (B,HW,C) -> (B,H,W,C)
 
 
-def _resnet(cin, cout, rs, rngs, **extra):
-    """A UNet ResnetBlock2D from the shared resnet settings `rs` (a dict)."""
-    return ResnetBlock2D(cin, cout, rngs=rngs, **rs, **extra)
+def _resnet(cin, cout, rs, kw, **extra):
+    """A UNet ResnetBlock2D from the shared resnet settings `rs` and dtype/rngs `kw`."""
+    return ResnetBlock2D(cin, cout, **rs, **kw, **extra)
 
 
-def _attn(channels, head_dim, cross_dim, rs, rngs):
+def _attn(channels, head_dim, cross_dim, rs, kw):
+    # diffusers builds these with heads = channels // attention_head_dim, head width
+    # attention_head_dim, group_norm over resnet_groups with Attention's default eps 1e-5.
     return AddedKVAttention(
         channels,
         heads=channels // head_dim,
         head_dim=head_dim,
         added_kv_proj_dim=cross_dim,
         norm_num_groups=rs["groups"],
-        dtype=rs["dtype"],
-        param_dtype=rs["param_dtype"],
-        rngs=rngs,
+        **kw,
     )
 
 
@@ -99,23 +99,36 @@ class ResnetDownsampleBlock2D(nnx.Module):
         in_channels, out_channels: channels in and out.
         num_layers: resnets in the block.
         add_downsample: whether to end with the downsampling resnet.
-        rs: shared ResnetBlock2D keyword settings (temb_channels, groups, eps, non_linearity,
-            time_embedding_norm, skip_time_act, output_scale_factor, dtype, param_dtype).
+        rs: shared ResnetBlock2D numerics (temb_channels, groups, eps, non_linearity,
+            time_embedding_norm, skip_time_act, output_scale_factor).
         remat: gradient-checkpoint each resnet call.
-        rngs: initialisation keys.
+        dtype, param_dtype, rngs: compute dtype, parameter dtype, initialisation keys.
     Returns (hidden, skips) from __call__, skips = every resnet output and the downsampled output.
     """
 
-    def __init__(self, in_channels, out_channels, *, num_layers, add_downsample, rs, remat, rngs):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        *,
+        num_layers,
+        add_downsample,
+        rs,
+        remat=False,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs,
+    ):
         self.remat = remat
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.resnets = nnx.List(
             [
-                _resnet(in_channels if i == 0 else out_channels, out_channels, rs, rngs)
+                _resnet(in_channels if i == 0 else out_channels, out_channels, rs, kw)
                 for i in range(num_layers)
             ]
         )
         self.downsamplers = (
-            nnx.List([_resnet(out_channels, out_channels, rs, rngs, down=True)])
+            nnx.List([_resnet(out_channels, out_channels, rs, kw, down=True)])
             if add_downsample
             else None
         )
@@ -135,8 +148,8 @@ class SimpleCrossAttnDownBlock2D(nnx.Module):
     """`num_layers` x (resnet, added-KV attention), then (unless last) a downsampling resnet.
 
     Parameters:
-        in_channels, out_channels, num_layers, add_downsample, rs, remat, rngs: as
-            ResnetDownsampleBlock2D.
+        in_channels, out_channels, num_layers, add_downsample, rs, remat, dtype,
+            param_dtype, rngs: as ResnetDownsampleBlock2D.
         head_dim: attention head width; heads = out_channels // head_dim (diffusers'
             attention_head_dim).
         cross_attention_dim: width of the context tokens.
@@ -152,24 +165,24 @@ class SimpleCrossAttnDownBlock2D(nnx.Module):
         head_dim,
         cross_attention_dim,
         rs,
-        remat,
+        remat=False,
+        dtype=None,
+        param_dtype=jnp.float32,
         rngs,
     ):
         self.remat = remat
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.resnets = nnx.List(
             [
-                _resnet(in_channels if i == 0 else out_channels, out_channels, rs, rngs)
+                _resnet(in_channels if i == 0 else out_channels, out_channels, rs, kw)
                 for i in range(num_layers)
             ]
         )
         self.attentions = nnx.List(
-            [
-                _attn(out_channels, head_dim, cross_attention_dim, rs, rngs)
-                for _ in range(num_layers)
-            ]
+            [_attn(out_channels, head_dim, cross_attention_dim, rs, kw) for _ in range(num_layers)]
         )
         self.downsamplers = (
-            nnx.List([_resnet(out_channels, out_channels, rs, rngs, down=True)])
+            nnx.List([_resnet(out_channels, out_channels, rs, kw, down=True)])
             if add_downsample
             else None
         )
@@ -191,13 +204,26 @@ class UNetMidBlock2DSimpleCrossAttn(nnx.Module):
 
     Parameters:
         channels: channels of the block; head_dim: attention head width (heads = channels //
-            head_dim); cross_attention_dim: context width; rs, remat, rngs: as the down blocks.
+            head_dim); cross_attention_dim: context width.
+        rs, remat, dtype, param_dtype, rngs: as the down blocks.
     """
 
-    def __init__(self, channels, *, head_dim, cross_attention_dim, rs, remat, rngs):
+    def __init__(
+        self,
+        channels,
+        *,
+        head_dim,
+        cross_attention_dim,
+        rs,
+        remat=False,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs,
+    ):
         self.remat = remat
-        self.resnets = nnx.List([_resnet(channels, channels, rs, rngs) for _ in range(2)])
-        self.attentions = nnx.List([_attn(channels, head_dim, cross_attention_dim, rs, rngs)])
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.resnets = nnx.List([_resnet(channels, channels, rs, kw) for _ in range(2)])
+        self.attentions = nnx.List([_attn(channels, head_dim, cross_attention_dim, rs, kw)])
 
     def __call__(self, x, temb, context):
         x = call(self.resnets[0], self.remat, x, temb)
@@ -213,7 +239,7 @@ class ResnetUpsampleBlock2D(nnx.Module):
     Parameters:
         in_channels: channels of the deepest skip this block consumes (its last resnet's skip).
         prev_output_channel: channels coming from the block below.
-        out_channels, num_layers, rs, remat, rngs: as the down blocks.
+        out_channels, num_layers, rs, remat, dtype, param_dtype, rngs: as the down blocks.
         add_upsample: end with a ResnetBlock2D(up=True) as `upsamplers[0]`.
     """
 
@@ -226,18 +252,21 @@ class ResnetUpsampleBlock2D(nnx.Module):
         num_layers,
         add_upsample,
         rs,
-        remat,
+        remat=False,
+        dtype=None,
+        param_dtype=jnp.float32,
         rngs,
     ):
         self.remat = remat
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         resnets = []
         for i in range(num_layers):
             skip = in_channels if i == num_layers - 1 else out_channels
             cin = prev_output_channel if i == 0 else out_channels
-            resnets.append(_resnet(cin + skip, out_channels, rs, rngs))
+            resnets.append(_resnet(cin + skip, out_channels, rs, kw))
         self.resnets = nnx.List(resnets)
         self.upsamplers = (
-            nnx.List([_resnet(out_channels, out_channels, rs, rngs, up=True)])
+            nnx.List([_resnet(out_channels, out_channels, rs, kw, up=True)])
             if add_upsample
             else None
         )
@@ -256,7 +285,7 @@ class SimpleCrossAttnUpBlock2D(nnx.Module):
 
     Parameters:
         in_channels, prev_output_channel, out_channels, num_layers, add_upsample, rs, remat,
-            rngs: as ResnetUpsampleBlock2D.
+            dtype, param_dtype, rngs: as ResnetUpsampleBlock2D.
         head_dim: attention head width (heads = out_channels // head_dim).
         cross_attention_dim: context width.
     """
@@ -272,24 +301,24 @@ class SimpleCrossAttnUpBlock2D(nnx.Module):
         head_dim,
         cross_attention_dim,
         rs,
-        remat,
+        remat=False,
+        dtype=None,
+        param_dtype=jnp.float32,
         rngs,
     ):
         self.remat = remat
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         resnets = []
         for i in range(num_layers):
             skip = in_channels if i == num_layers - 1 else out_channels
             cin = prev_output_channel if i == 0 else out_channels
-            resnets.append(_resnet(cin + skip, out_channels, rs, rngs))
+            resnets.append(_resnet(cin + skip, out_channels, rs, kw))
         self.resnets = nnx.List(resnets)
         self.attentions = nnx.List(
-            [
-                _attn(out_channels, head_dim, cross_attention_dim, rs, rngs)
-                for _ in range(num_layers)
-            ]
+            [_attn(out_channels, head_dim, cross_attention_dim, rs, kw) for _ in range(num_layers)]
         )
         self.upsamplers = (
-            nnx.List([_resnet(out_channels, out_channels, rs, rngs, up=True)])
+            nnx.List([_resnet(out_channels, out_channels, rs, kw, up=True)])
             if add_upsample
             else None
         )
