@@ -162,7 +162,7 @@ def resolve_unet_config(config: Mapping) -> dict:
     for key in ("cross_attention_dim", "norm_num_groups"):
         if not isinstance(cfg[key], int):
             raise _unsupported(key, cfg[key], "a single integer is required")
-    down, up = [list(cfg["down_block_types"]), list(cfg["up_block_types"])]
+    down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
     n = len(down)
     for key, types, allowed in (
         ("down_block_types", down, DOWN_TYPES),
