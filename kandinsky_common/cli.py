@@ -24,7 +24,7 @@ def main(stage: str, argv: list[str] | None = None) -> int:
             ) from e
         summary = loop.train(cfg, stage)
         if summary.get("output_dir"):
-            print(json.dumps(summary))
+            print(json.dumps({k: v for k, v in summary.items() if k != "losses"}))
         return 0
 
     return run_cli(_main, argv)

@@ -230,6 +230,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
             output_dir=str(out.resolve()),
         )
         write_json(out / "train_summary.json", summary)
+        summary["losses"] = losses  # in-process callers (tests) get every update's loss
         if cfg.push_to_hub:
             push_folder(cfg)
     accelerator.end_training()
