@@ -189,6 +189,7 @@ def validate(cfg: TrainConfig, stage: str) -> None:
         "resolution",
         "snr_gamma",
         "validation_steps",
+        "max_grad_norm",
     )
     if cfg.lr_warmup_steps < 0 or cfg.dataloader_num_workers < 0 or cfg.adam_weight_decay < 0:
         raise UserError("--lr_warmup_steps, --dataloader_num_workers, --adam_weight_decay are >= 0")
