@@ -3,6 +3,12 @@
 A checkpoint is `output_dir/checkpoint-N` (N = optimizer updates). It is written under a temporary
 name and renamed into place once complete, and `training_state.json` inside it is written last: a
 folder without it (a crash mid-write) is never taken as "latest".
+
+The flax backend's checkpoints (orbax) share the folder name. Orbax writes them under
+`checkpoint-N.orbax-checkpoint-tmp` and renames once every item is committed, and the run's JSON
+state is the orbax item `meta/training_state.json`. `backend="flax"` selects that completeness rule;
+it still counts torch checkpoints as complete so that resuming one with the wrong backend ends in
+`check_compatible`'s "use --backend torch" rather than a silent fresh start.
 """
 
 from __future__ import annotations
@@ -10,12 +16,43 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from kandinsky_common.errors import UserError
 
 STATE_FILE = "training_state.json"
 _NAME = re.compile(r"checkpoint-(\d+)\Z")
+
+# The flax backend's layout (written by flax_kandinsky.checkpoint through orbax).
+FLAX_STATE_ITEM = "state"
+FLAX_META_ITEM = "meta"
+ORBAX_TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+def _torch_incomplete(path: Path) -> str | None:
+    return None if (path / STATE_FILE).is_file() else f"no {STATE_FILE}"
+
+
+def _flax_incomplete(path: Path) -> str | None:
+    if ORBAX_TMP_MARK in path.name:
+        return "orbax was still writing it when the run stopped"
+    if (path / STATE_FILE).is_file():
+        return None  # a torch checkpoint: complete, and check_compatible names the backend
+    if not ((path / FLAX_STATE_ITEM).is_dir() or (path / FLAX_META_ITEM).is_dir()):
+        return f"no {FLAX_STATE_ITEM}/ or {FLAX_META_ITEM}/ inside"
+    return None
+
+
+_INCOMPLETE: dict[str, Callable[[Path], str | None]] = {
+    "torch": _torch_incomplete,
+    "flax": _flax_incomplete,
+}
+
+
+def incomplete_reason(path: str | Path, backend: str = "torch") -> str | None:
+    """Why `path` is not a finished checkpoint for `backend` to consider, or None if it is one."""
+    return _INCOMPLETE[backend](Path(path))
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -26,7 +63,7 @@ def temp_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f".checkpoint-{step}.tmp"
 
 
-def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+def complete_checkpoints(output_dir: str | Path, backend: str = "torch") -> list[tuple[int, Path]]:
     """(step, path) of every complete checkpoint, oldest first."""
     out = []
     root = Path(output_dir)
@@ -34,13 +71,16 @@ def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
         return out
     for p in root.iterdir():
         m = _NAME.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file():
+        if m and p.is_dir() and incomplete_reason(p, backend) is None:
             out.append((int(m.group(1)), p))
     return sorted(out)
 
 
 def read_state(path: str | Path) -> dict:
     f = Path(path) / STATE_FILE
+    flax_f = Path(path) / FLAX_META_ITEM / STATE_FILE
+    if not f.is_file() and flax_f.is_file():
+        f = flax_f
     try:
         return json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -51,26 +91,31 @@ def write_state(path: str | Path, state: dict) -> None:
     Path(path, STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
-def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+def resolve_resume(
+    output_dir: str | Path, resume: str | None, backend: str = "torch"
+) -> Path | None:
     """The checkpoint to resume from: None for a fresh run.
 
     'latest' with no checkpoint starts fresh (so a restart script can always pass it); an explicit
-    path that does not exist is an error (the reference silently started over).
+    path that does not exist is an error (the reference silently started over). `backend` picks
+    the rule for "complete" (see the module docstring); the messages are the same for both.
     """
     if resume is None:
         return None
     if resume == "latest":
-        found = complete_checkpoints(output_dir)
+        found = complete_checkpoints(output_dir, backend)
         return found[-1][1] if found else None
     candidates = [Path(resume), Path(output_dir) / Path(resume).name]
     for c in candidates:
         if c.is_dir():
-            if not (c / STATE_FILE).is_file():
-                raise UserError(f"checkpoint {c} is incomplete (no {STATE_FILE}); pick another")
+            reason = incomplete_reason(c, backend)
+            if reason is not None:
+                raise UserError(f"checkpoint {c} is incomplete ({reason}); pick another")
             return c
+    names = [p.name for _, p in complete_checkpoints(output_dir, backend)]
     raise UserError(
         f"--resume_from_checkpoint {resume}: no such checkpoint; pass 'latest' or one of "
-        f"{[p.name for _, p in complete_checkpoints(output_dir)] or 'none (none saved yet)'}"
+        f"{names or 'none (none saved yet)'}"
     )
 
 
