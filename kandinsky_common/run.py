@@ -94,7 +94,7 @@ def plan_run(
         max_train_samples=cfg.max_train_samples,
         seed=cfg.seed if cfg.seed is not None else 0,
     )
-    resume = ck.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    resume = ck.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint, backend=backend)
     if resumed_state is None and resume is not None:
         resumed_state = ck.read_state(resume)
     if resumed_state:
