@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from kandinsky_common.errors import UserError
 
 AXES = ("data", "fsdp")
-MIN_SHARDED_SIZE = 2**14  # elements; smaller arrays are cheaper replicated than gathered
+MIN_SHARDED_SIZE = 2**10  # elements; smaller arrays are cheaper replicated than gathered
 
 
 def parse_mesh_shape(text: str | None, num_devices: int) -> tuple[int, int]:
@@ -36,18 +36,27 @@ def parse_mesh_shape(text: str | None, num_devices: int) -> tuple[int, int]:
     data, fsdp = sizes.get("data", -1), sizes.get("fsdp", 1)
     if data == -1:
         data = num_devices // fsdp
-    if data * fsdp != num_devices or data < 1 or fsdp < 1:
+    if data * fsdp > num_devices or data < 1 or fsdp < 1:
         raise UserError(
             f"--mesh_shape {text!r} needs {data * fsdp} devices, but {num_devices} are visible; "
-            f"make data x fsdp = {num_devices}"
+            f"make data x fsdp <= {num_devices}"
         )
     return data, fsdp
 
 
 def make_mesh(mesh_shape: str | None = None, devices=None) -> Mesh:
+    """A mesh over all devices, or, when --mesh_shape asks for fewer, the first data x fsdp
+    (single-process runs only: every process of a multi-host run must take part)."""
     devices = list(jax.devices() if devices is None else devices)
     data, fsdp = parse_mesh_shape(mesh_shape, len(devices))
-    return Mesh(np.asarray(devices).reshape(data, fsdp), AXES)
+    if data * fsdp < len(devices):
+        if jax.process_count() > 1:
+            raise UserError(
+                f"--mesh_shape {mesh_shape!r} uses {data * fsdp} of {len(devices)} devices; a "
+                "multi-host run must use them all"
+            )
+        print(f"--mesh_shape {mesh_shape}: using {data * fsdp} of {len(devices)} devices")
+    return Mesh(np.asarray(devices[: data * fsdp]).reshape(data, fsdp), AXES)
 
 
 def spec_for(shape: tuple[int, ...], fsdp: int) -> P:

@@ -108,7 +108,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         prior_folder=prior_folder,
         num_processes=jax.process_count(),
         process_index=jax.process_index(),
-        per_process_batch=cfg.train_batch_size * jax.local_device_count(),
+        per_process_batch=cfg.train_batch_size * mesh.local_mesh.size,
         builder_threads=max(1, cfg.dataloader_num_workers),
     )
     out = Path(cfg.output_dir)
@@ -146,7 +146,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
             else None
         )
 
-    local_b = cfg.train_batch_size * jax.local_device_count()
+    local_b = cfg.train_batch_size * mesh.local_mesh.size
     shape = stage.x0_shape(local_b, cfg.resolution)
     bar = tqdm(
         total=plan.max_train_steps,
