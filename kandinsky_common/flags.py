@@ -114,6 +114,20 @@ class TrainConfig:
     )
     num_processes: int | None = _f(None, "flax multi-host: number of processes.")
     process_id: int | None = _f(None, "flax multi-host: this process's index.")
+    embeddings_cache: str | None = _f(
+        None,
+        "Encode-once cache folder: frozen-encoder outputs are computed once and reused across "
+        "epochs and runs (invalidated when encoders, preprocessing or data change).",
+    )
+    compile_cache_dir: str | None = _f(
+        "~/.cache/kandinsky_finetune/jax_compile",
+        "flax: persistent XLA compilation cache ('' to disable).",
+    )
+    attention: str = _f(
+        "dot",
+        "flax: attention kernel; 'chunked' bounds memory at long token counts (UNet at 768 px).",
+        choices=("dot", "chunked"),
+    )
 
 
 OUR_FLAGS = (
@@ -125,6 +139,9 @@ OUR_FLAGS = (
     "coordinator_address",
     "num_processes",
     "process_id",
+    "embeddings_cache",
+    "compile_cache_dir",
+    "attention",
 )
 DIFFUSERS_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in OUR_FLAGS)
 
