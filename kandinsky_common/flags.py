@@ -225,6 +225,11 @@ def validate(cfg: TrainConfig, stage: str) -> None:
         )
     if cfg.backend == "flax":
         _validate_flax(cfg)
+    elif cfg.attention != "dot":
+        raise UserError(
+            "--attention is a flax flag; the torch backend uses SDPA (or "
+            "--enable_xformers_memory_efficient_attention on CUDA)"
+        )
     elif cfg.mesh_shape or cfg.coordinator_address or cfg.num_processes or cfg.process_id:
         raise UserError(
             "--mesh_shape/--coordinator_address/--num_processes/--process_id are flax flags; "
