@@ -50,6 +50,15 @@ class Stage:
         """Noise drawn in the reference layout -> this backend's x0 layout."""
         return noise
 
+    @staticmethod
+    def to_reference(enc: dict) -> dict:
+        """Encoder outputs -> the reference layout the cache stores (NCHW latents)."""
+        return enc
+
+    @staticmethod
+    def from_reference(enc: dict) -> dict:
+        return enc
+
 
 class PriorStage(Stage):
     """PriorTransformer on CLIP text (frozen) -> normalized CLIP image embedding (x0 target)."""
@@ -152,6 +161,14 @@ class DecoderStage(Stage):
 
     def noise_layout(self, noise: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(noise.transpose(0, 2, 3, 1))  # NCHW -> NHWC
+
+    @staticmethod
+    def to_reference(enc: dict) -> dict:
+        return {**enc, "latents": jnp.transpose(enc["latents"], (0, 3, 1, 2))}  # NHWC -> NCHW
+
+    @staticmethod
+    def from_reference(enc: dict) -> dict:
+        return {**enc, "latents": _nhwc(enc["latents"])}
 
     @staticmethod
     def encode(frozen, batch):

@@ -7,12 +7,14 @@ writes nothing, so a mistake exits before output_dir is touched.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from kandinsky_common import checkpoints as ck
+from kandinsky_common.cache import EmbeddingCache, fill_cache, fingerprint, folder_digest
 from kandinsky_common.data import load_train_dataset
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
@@ -33,6 +35,7 @@ class RunPlan:
     max_train_steps: int  # optimizer updates
     resume: Path | None
     resumed_state: dict | None
+    cache: EmbeddingCache | None = None  # set by use_cache: batches are then encoder outputs
 
     @property
     def start_micro(self) -> int:
@@ -51,9 +54,59 @@ class RunPlan:
         return self.position(micro)[1] == self.sampler.steps_per_epoch - 1
 
     def batch(self, micro: int) -> dict[str, np.ndarray]:
-        """This process's numpy batch of micro-step `micro`: a pure function of the position."""
+        """This process's numpy batch of micro-step `micro`: a pure function of the position
+        (preprocessed examples, or their cached encoder outputs)."""
         epoch, step = self.position(micro)
-        return self.builder(self.sampler.indices(epoch, step), epoch)
+        rows = self.sampler.indices(epoch, step)
+        if self.cache is not None:
+            return self.cache.read(rows)
+        return self.builder(rows, epoch)
+
+    def use_cache(
+        self,
+        cfg: TrainConfig,
+        encode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+        *,
+        is_main: bool,
+        barrier: Callable[[], None],
+    ) -> None:
+        """Fill (on the main process) and then use the encode-once cache.
+
+        `encode` maps a preprocessed numpy batch to encoder outputs in the reference layout.
+        """
+        feature = self.dataset.features.get(cfg.caption_column) if self.spec.uses_captions else None
+        if feature is not None and not getattr(feature, "dtype", None) == "string":
+            raise UserError(
+                f"--embeddings_cache needs one caption per image, but column "
+                f"{cfg.caption_column!r} holds lists (one is drawn per epoch); drop the flag"
+            )
+        roots = {
+            "prior": cfg.pretrained_prior_model_name_or_path,
+            "decoder": cfg.pretrained_decoder_model_name_or_path,
+        }
+        parts = {
+            "stage": self.spec.name,
+            "encoders": {
+                f"{root}/{sub}": folder_digest(Path(roots[root]) / sub)
+                for root, sub in self.spec.encoder_folders
+            },
+            "image_processor": self.builder_config(),
+            "resolution": cfg.resolution if self.spec.uses_resolution else None,
+            "data": [getattr(self.dataset, "_fingerprint", None), len(self.dataset)],
+            "columns": [cfg.image_column, cfg.caption_column if self.spec.uses_captions else None],
+            "precision": cfg.mixed_precision or "no",
+        }
+        folder = Path(cfg.embeddings_cache).expanduser()
+        if is_main:
+            fill_cache(
+                folder,
+                fingerprint(parts),
+                len(self.dataset),
+                self.sampler.per_process_batch,
+                lambda rows: encode(self.builder(rows, 0)),
+            )
+        barrier()
+        self.cache = EmbeddingCache(folder, "r")
 
     def state(self, global_step: int, **extra) -> dict:
         """training_state.json of a checkpoint taken after `global_step` updates."""
@@ -67,6 +120,10 @@ class RunPlan:
             "gradient_accumulation_steps": self.accum,
             **extra,
         }
+
+    def builder_config(self) -> str:
+        """The preprocessing settings that shape the encoders' inputs (for the fingerprint)."""
+        return repr((self.builder.clip, self.builder.resolution, self.builder.image_column))
 
 
 def plan_run(

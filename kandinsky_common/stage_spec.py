@@ -12,6 +12,8 @@ class StageSpec:
     uses_captions: bool
     uses_resolution: bool
     encoded_keys: tuple[str, ...]  # what stage.encode returns (and the cache stores)
+    # (pipeline folder, subfolder) of everything that shapes the encoder outputs
+    encoder_folders: tuple[tuple[str, str], ...]
 
 
 PRIOR = StageSpec(
@@ -20,6 +22,7 @@ PRIOR = StageSpec(
     uses_captions=True,
     uses_resolution=False,
     encoded_keys=("text_embeds", "text_hidden_states", "text_mask", "image_embeds"),
+    encoder_folders=(("prior", "text_encoder"), ("prior", "image_encoder"), ("prior", "tokenizer")),
 )
 DECODER = StageSpec(
     name="decoder",
@@ -27,5 +30,6 @@ DECODER = StageSpec(
     uses_captions=False,
     uses_resolution=True,
     encoded_keys=("latents", "image_embeds"),
+    encoder_folders=(("decoder", "movq"), ("prior", "image_encoder")),
 )
 SPECS = {s.name: s for s in (PRIOR, DECODER)}

@@ -18,7 +18,7 @@ from flax_kandinsky import sharding as sh
 from flax_kandinsky.checkpoint import CheckpointStore
 from flax_kandinsky.stages import DecoderStage, PriorStage
 from flax_kandinsky.training.optim import make_optimizer
-from flax_kandinsky.training.step import init_state, make_train_step, split_stage
+from flax_kandinsky.training.step import encode_frozen, init_state, make_train_step, split_stage
 from kandinsky_common import noise as noise_stream
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
@@ -119,10 +119,27 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
     )
     out = Path(cfg.output_dir)
     graphdefs, params, consts = split_stage(stage)
+    if cfg.embeddings_cache:
+        encode = jax.jit(lambda c, b: stage.to_reference(encode_frozen(stage, graphdefs, c, b)))
+        plan.use_cache(
+            cfg,
+            lambda batch: jax.tree.map(np.asarray, encode(consts, batch)),
+            is_main=main,
+            barrier=lambda: multihost_utils.sync_global_devices("embeddings_cache"),
+        )
+        consts = {"model_rest": consts["model_rest"]}  # the encoders never reach the devices
     tx = make_optimizer(cfg, plan.max_train_steps)
     abstract = jax.eval_shape(lambda p: init_state(p, tx, cfg.use_ema), params)
     step = make_train_step(
-        stage, graphdefs, tx, mesh, abstract, consts, snr_gamma=cfg.snr_gamma, use_ema=cfg.use_ema
+        stage,
+        graphdefs,
+        tx,
+        mesh,
+        abstract,
+        consts,
+        snr_gamma=cfg.snr_gamma,
+        use_ema=cfg.use_ema,
+        encoded=plan.cache is not None,
     )
     consts = jax.device_put(consts, step.const_shardings)
     params = jax.device_put(params, step.state_shardings["params"])

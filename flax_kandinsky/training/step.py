@@ -46,11 +46,22 @@ def split_stage(stage):
     return graphdefs, params, consts
 
 
-def stage_loss(stage, graphdefs, params, consts, batch, noise, timesteps, alphas_cumprod, gamma):
-    """Loss of the trainable params on one micro-batch (frozen encoders run here, no grad)."""
-    model = nnx.merge(graphdefs["model"], params, consts["model_rest"])
+def encode_frozen(stage, graphdefs, consts, batch):
+    """Frozen-encoder outputs of a batch (no gradient flows into the encoders)."""
     frozen = {k: nnx.merge(graphdefs[k], consts[k]) for k in stage.frozen}
-    enc = jax.lax.stop_gradient(stage.encode(frozen, batch))
+    return jax.lax.stop_gradient(stage.encode(frozen, batch))
+
+
+def stage_loss(
+    stage, graphdefs, params, consts, batch, noise, timesteps, alphas_cumprod, gamma, encoded=False
+):
+    """Loss of the trainable params on one micro-batch. The frozen encoders run here, unless
+    `encoded`: then `batch` holds their cached outputs (reference layout)."""
+    model = nnx.merge(graphdefs["model"], params, consts["model_rest"])
+    if encoded:
+        enc = stage.from_reference(batch)
+    else:
+        enc = encode_frozen(stage, graphdefs, consts, batch)
     x0 = stage.x0(model, enc)
     noise = noise.astype(x0.dtype)
     x_t = add_noise(x0, noise, timesteps, alphas_cumprod)
@@ -60,13 +71,25 @@ def stage_loss(stage, graphdefs, params, consts, batch, noise, timesteps, alphas
     return diffusion_loss(pred, target, timesteps, alphas_cumprod, pt, gamma)
 
 
-def make_train_step(stage, graphdefs, tx, mesh, state, consts, *, snr_gamma, use_ema) -> StepFn:
-    """Jit the update for this stage; `state`/`consts` give shapes and shardings."""
+def make_train_step(
+    stage, graphdefs, tx, mesh, state, consts, *, snr_gamma, use_ema, encoded=False
+) -> StepFn:
+    """Jit the update for this stage; `state`/`consts` give shapes and shardings. With
+    `encoded`, batches are cached encoder outputs and `consts` need no frozen encoders."""
     alphas_cumprod = jnp.asarray(stage.schedule.alphas_cumprod)
 
     def loss_fn(params, consts, batch, noise, timesteps):
         return stage_loss(
-            stage, graphdefs, params, consts, batch, noise, timesteps, alphas_cumprod, snr_gamma
+            stage,
+            graphdefs,
+            params,
+            consts,
+            batch,
+            noise,
+            timesteps,
+            alphas_cumprod,
+            snr_gamma,
+            encoded,
         )
 
     def train_step(state, consts, batch, noise, timesteps):

@@ -113,6 +113,13 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         process_index=accelerator.process_index,
     )
     accum, max_train_steps = plan.accum, plan.max_train_steps
+    if cfg.embeddings_cache:
+        plan.use_cache(
+            cfg,
+            lambda batch: _encode_numpy(stage, batch, accelerator.device),
+            is_main=accelerator.is_main_process,
+            barrier=accelerator.wait_for_everyone,
+        )
 
     model = stage.model
     if cfg.gradient_checkpointing:
@@ -173,6 +180,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                 timesteps,
                 max_grad_norm=cfg.max_grad_norm,
                 snr_gamma=cfg.snr_gamma,
+                encoded=plan.cache is not None,
             )
             window.append(loss)
             if accelerator.sync_gradients:
@@ -235,6 +243,15 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
             push_folder(cfg)
     accelerator.end_training()
     return summary
+
+
+def _encode_numpy(stage, batch, device) -> dict[str, np.ndarray]:
+    """Frozen-encoder outputs of a numpy batch, as numpy (float32 or bool) for the cache."""
+    enc = stage.encode(stage.to_device(batch, device, stage.weight_dtype))
+    return {
+        k: v.cpu().numpy() if v.dtype == torch.bool else v.float().cpu().numpy()
+        for k, v in enc.items()
+    }
 
 
 def _validate(accelerator, cfg, stage, model, ema, step):

@@ -37,11 +37,13 @@ def train_step(
     *,
     max_grad_norm: float,
     snr_gamma: float | None,
+    encoded: bool = False,
 ) -> float:
-    """One micro-step: encode (frozen), loss, backward; on an update boundary clip and step."""
+    """One micro-step: encode (frozen; skipped when `batch` holds cached encoder outputs), loss,
+    backward; on an update boundary clip and step."""
     with accelerator.accumulate(model):
         dev = stage.to_device(batch, accelerator.device, stage.weight_dtype)
-        enc = stage.encode(dev)
+        enc = dev if encoded else stage.encode(dev)
         loss = stage_loss(
             stage, model, enc, torch.from_numpy(noise), torch.from_numpy(timesteps), snr_gamma
         )
