@@ -6,6 +6,7 @@ writes nothing, so a mistake exits before output_dir is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,9 +109,12 @@ class RunPlan:
         barrier()
         self.cache = EmbeddingCache(folder, "r")
 
-    def state(self, global_step: int, **extra) -> dict:
-        """training_state.json of a checkpoint taken after `global_step` updates."""
+    def state(self, global_step: int, cfg: TrainConfig, **extra) -> dict:
+        """training_state.json of a checkpoint taken after `global_step` updates; with the run's
+        flags, so a checkpoint alone is enough to export or sample from it."""
         return {
+            "use_ema": cfg.use_ema,
+            "config": dataclasses.asdict(cfg),
             "global_step": global_step,
             "stage": self.spec.name,
             "backend": self.backend,

@@ -47,3 +47,27 @@ def export_pipeline(stage, model, output_dir: str) -> Path:
         prior = str(stage.prior_folder.resolve())
         write_decoder_readme(out, prior=prior, base_model=str(stage.folder))
     return out
+
+
+def export_checkpoint(checkpoint, output_dir, use_ema: bool = True) -> Path:
+    """The pipeline folder of a torch checkpoint: its `<model>_ema/` (when present and `use_ema`)
+    or `<model>/` weights with the frozen parts from the pretrained folders of its run."""
+    import torch
+
+    from kandinsky_common.checkpoints import read_state
+    from kandinsky_common.errors import UserError
+    from kandinsky_common.flags import TrainConfig
+    from torch_kandinsky.training.loop import make_stage
+
+    checkpoint, out = Path(checkpoint), Path(output_dir)
+    meta = read_state(checkpoint)
+    if "config" not in meta:
+        raise UserError(f"{checkpoint} predates checkpoints that record their run; export needs it")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--output {out} is not empty; pass a new folder")
+    cfg = TrainConfig(**meta["config"])
+    stage = make_stage(cfg, meta["stage"], torch.device("cpu"), torch.float32)
+    sub = stage.spec.model_subfolder
+    source = checkpoint / f"{sub}_ema" if use_ema and (checkpoint / f"{sub}_ema").is_dir() else None
+    model = type(stage.model).from_pretrained(source or checkpoint / sub)
+    return export_pipeline(stage, model, out)

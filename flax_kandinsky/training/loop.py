@@ -212,7 +212,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                 if due or global_step == plan.max_train_steps or guard.requested:
                     finish(*pending)
                     pending = None
-                    store.save(global_step, state, plan.state(global_step, use_ema=cfg.use_ema))
+                    store.save(global_step, state, plan.state(global_step, cfg))
                 if guard.requested:
                     preempted = True
                     break

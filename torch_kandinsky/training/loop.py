@@ -57,7 +57,7 @@ def _check_environment(cfg: TrainConfig) -> None:
             raise UserError(f"--report_to {name} needs `pip install {name}`; or use tensorboard")
 
 
-def _make_stage(cfg: TrainConfig, stage_name: str, device, weight_dtype):
+def make_stage(cfg: TrainConfig, stage_name: str, device, weight_dtype):
     if stage_name == "prior":
         stage = PriorStage(cfg.pretrained_prior_model_name_or_path, device, weight_dtype)
         stage.decoder_folder = None
@@ -101,7 +101,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         check_xformers(accelerator.device)
 
     # Everything that can fail on user input happens before output_dir is touched.
-    stage = _make_stage(cfg, stage_name, accelerator.device, weight_dtype)
+    stage = make_stage(cfg, stage_name, accelerator.device, weight_dtype)
     prior_folder = stage.folder if stage_name == "prior" else stage.prior_folder
     plan = plan_run(
         cfg,
@@ -208,8 +208,9 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                         global_step,
                         model,
                         stage.spec,
-                        plan.state(global_step, use_ema=cfg.use_ema),
+                        plan.state(global_step, cfg),
                         limit=cfg.checkpoints_total_limit,
+                        ema=ema,
                     )
             epoch = plan.position(m)[0]
             if (
