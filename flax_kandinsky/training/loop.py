@@ -80,6 +80,14 @@ def host_batches(plan: RunPlan, stage, first_update: int, shape: tuple[int, ...]
         yield update, batch, noise, timesteps
 
 
+def _agreed(requested: bool) -> bool:
+    """Every process stops at the same update if any of them was asked to (a SIGTERM reaches
+    the hosts of a pod at slightly different times)."""
+    if jax.process_count() == 1:
+        return requested
+    return bool(np.any(multihost_utils.process_allgather(np.array([requested]))))
+
+
 def _gather_to_host(tree):
     """Full numpy copy of a (possibly multi-host sharded) pytree; every process must call it."""
     return jax.tree.map(
@@ -178,6 +186,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         disable=not main,
     )
     losses, t0, samples = [], time.perf_counter(), 0
+    done = []  # when each update's metrics arrived: per-update wall times for benchmarks
     pending = None  # metrics of the previous update, read after the next one is dispatched
 
     def finish(update, metrics):
@@ -188,6 +197,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                 f"resume from the last checkpoint in {out}"
             )
         losses.append(loss)
+        done.append(time.perf_counter())
         lr = learning_rate_at(cfg, plan.max_train_steps, update)  # as torch get_last_lr()
         if tracker is not None:
             tracker.scalars({"train_loss": loss, "lr": lr}, update)
@@ -209,11 +219,12 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                     finish(*pending)
                 pending = (global_step, metrics)
                 due = global_step % cfg.checkpointing_steps == 0
-                if due or global_step == plan.max_train_steps or guard.requested:
+                stop = _agreed(guard.requested)
+                if due or global_step == plan.max_train_steps or stop:
                     finish(*pending)
                     pending = None
                     store.save(global_step, state, plan.state(global_step, cfg))
-                if guard.requested:
+                if stop:
                     preempted = True
                     break
             if pending is not None:
@@ -225,6 +236,11 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
 
     summary = {"stage": stage_name, "backend": "flax", "updates": global_step}
     if preempted:
+        if main:
+            print(
+                f"stopped by {guard.signal_name} after update {global_step}; resume with "
+                "--resume_from_checkpoint latest"
+            )
         summary["preempted"] = True
         store.close()
         return summary
@@ -242,6 +258,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         )
         write_json(out / "train_summary.json", summary)
         summary["losses"] = losses  # in-process callers (tests) get every update's loss
+        summary["update_seconds"] = np.diff([t0, *done]).tolist()
         if tracker is not None:
             tracker.close()
         if cfg.push_to_hub:

@@ -19,6 +19,7 @@ from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
 from kandinsky_common.folders import check_pipeline_folder, write_json
 from kandinsky_common.hub import check_hub, push_folder
+from kandinsky_common.preemption import PreemptionGuard
 from kandinsky_common.run import plan_run
 from torch_kandinsky import checkpoint as ckpt
 from torch_kandinsky import validation
@@ -163,8 +164,12 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         disable=not accelerator.is_local_main_process,
     )
     losses, window, t0 = [], [], time.perf_counter()
+    done = []  # when each update finished: per-update wall times for benchmarks
     shape = stage.x0_shape(cfg.train_batch_size, cfg.resolution)
+    preempted = False
+    guard = PreemptionGuard()
     try:
+        guard.__enter__()
         for k, batch in enumerate(loader):
             m = start + k
             noise, timesteps = noise_stream.draw(
@@ -193,6 +198,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                 train_loss = accelerator.gather(mean).mean().item()
                 window = []
                 losses.append(train_loss)
+                done.append(time.perf_counter())
                 lr = lr_scheduler.get_last_lr()[0]
                 accelerator.log({"train_loss": train_loss, "lr": lr}, step=global_step)
                 samples = (global_step - start // accum) * accum * cfg.train_batch_size
@@ -201,7 +207,9 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                 bar.set_postfix(
                     step_loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}"
                 )
-                if global_step % cfg.checkpointing_steps == 0 or global_step == max_train_steps:
+                stop = _agreed(accelerator, guard.requested)
+                due = global_step % cfg.checkpointing_steps == 0
+                if due or global_step == max_train_steps or stop:
                     ckpt.save(
                         accelerator,
                         out,
@@ -212,6 +220,9 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                         limit=cfg.checkpoints_total_limit,
                         ema=ema,
                     )
+                if stop:  # preemption: the checkpoint is saved, the job ends cleanly
+                    preempted = True
+                    break
             epoch = plan.position(m)[0]
             if (
                 plan.end_of_epoch(m)
@@ -220,10 +231,18 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
             ):
                 _validate(accelerator, cfg, stage, model, ema, global_step)
     finally:
+        guard.__exit__(None, None, None)
         bar.close()  # so an error line starts on a line of its own
 
     accelerator.wait_for_everyone()
     summary = {"stage": stage_name, "backend": "torch", "updates": global_step}
+    if preempted:
+        accelerator.print(
+            f"stopped by {guard.signal_name} after update {global_step}; resume "
+            "with --resume_from_checkpoint latest"
+        )
+        accelerator.end_training()
+        return {**summary, "preempted": True}
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         if ema is not None:
@@ -240,10 +259,19 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         )
         write_json(out / "train_summary.json", summary)
         summary["losses"] = losses  # in-process callers (tests) get every update's loss
+        summary["update_seconds"] = np.diff([t0, *done]).tolist()
         if cfg.push_to_hub:
             push_folder(cfg)
     accelerator.end_training()
     return summary
+
+
+def _agreed(accelerator, requested: bool) -> bool:
+    """Every process stops at the same update if any of them was asked to."""
+    if accelerator.num_processes == 1:
+        return requested
+    flag = torch.tensor([float(requested)], device=accelerator.device)
+    return bool(accelerator.gather(flag).max().item() > 0)
 
 
 def _encode_numpy(stage, batch, device) -> dict[str, np.ndarray]:
