@@ -96,7 +96,7 @@ class TrainConfig:
     validation_epochs: int = _f(5, "Validate every N epochs (and after epoch 0).")
     tracker_project_name: str = _f("text2image-fine-tune", "Tracker project name.")
     # --- ours ---------------------------------------------------------------------------------
-    backend: str = _f("torch", "Training backend.", choices=BACKENDS)
+    backend: str = _f("flax", "Training backend.", choices=BACKENDS)
     prediction_type: str | None = _f(
         None,
         "Decoder target: epsilon or v_prediction (default: the decoder scheduler's).",

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: venv, tiny Kandinsky 2.2 checkpoint, ~32 real photos with
 # captions, fine-tune the prior and the decoder, export diffusers folders, generate one image.
-# Usage: bash scripts/demo.sh [--backend torch] [--steps N] [--out DIR]
+# Usage: bash scripts/demo.sh [--backend flax|torch] [--steps N] [--out DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BACKEND=torch
+BACKEND=flax
 STEPS=30
 OUT=demo_output
 while [ $# -gt 0 ]; do
