@@ -45,7 +45,13 @@ def decoder_run(tiny_folders, sample_dataset, tmp_path_factory):
     prior, decoder = tiny_folders
     out = tmp_path_factory.mktemp("decoder_run") / "out"
     args = train_args(
-        prior, decoder, sample_dataset, out, snr_gamma=5.0, gradient_checkpointing=True
+        prior,
+        decoder,
+        sample_dataset,
+        out,
+        snr_gamma=5.0,
+        gradient_checkpointing=True,
+        backend="torch",
     )
     return out, _summary(run_script("train_text_to_image_decoder.py", *args))
 
@@ -106,6 +112,7 @@ def test_resume_is_bit_identical(tiny_folders, sample_dataset, tmp_path):
 
     prior, decoder = tiny_folders
     flags = dict(
+        backend="torch",
         gradient_accumulation_steps=2,
         use_ema=True,
         lr_scheduler="constant_with_warmup",
@@ -139,7 +146,15 @@ def test_torchrun_two_processes(tiny_folders, sample_dataset, tmp_path):
     env = {**script_env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     for stage in ("prior", "decoder"):
         out = tmp_path / stage
-        args = train_args(prior, decoder, sample_dataset, out, max_train_steps=2, report_to="none")
+        args = train_args(
+            prior,
+            decoder,
+            sample_dataset,
+            out,
+            max_train_steps=2,
+            report_to="none",
+            backend="torch",
+        )
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
         cmd += ["--master_port", "29533", str(ROOT / "scripts" / f"train_text_to_image_{stage}.py")]
         proc = subprocess.run(
