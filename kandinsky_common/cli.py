@@ -24,7 +24,8 @@ def main(stage: str, argv: list[str] | None = None) -> int:
             ) from e
         summary = loop.train(cfg, stage)
         if summary.get("output_dir"):
-            print(json.dumps({k: v for k, v in summary.items() if k != "losses"}))
+            shown = {k: v for k, v in summary.items() if k not in ("losses", "update_seconds")}
+            print(json.dumps(shown))
         return 0
 
     return run_cli(_main, argv)
