@@ -17,16 +17,9 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from kandinsky_common.errors import UserError
+from kandinsky_common.lr_schedules import LR_SCHEDULER_NAMES
 
-LR_SCHEDULERS = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "piecewise_constant",
-)
+LR_SCHEDULERS = LR_SCHEDULER_NAMES
 REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all", "none")
 BACKENDS = ("flax", "torch")
 STAGES = ("prior", "decoder")
