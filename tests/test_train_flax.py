@@ -66,36 +66,6 @@ def test_decoder_output_loads_in_diffusers(flax_runs):
     assert image.size == (64, 64)
 
 
-def test_resume_is_bit_identical(tiny_folders, sample_dataset, tmp_path):
-    """4 updates straight == 2, stop, resume 'latest' to 4 (accumulation, EMA, warm-up, mesh)."""
-    from safetensors.numpy import load_file
-
-    from kandinsky_common.cli import main
-
-    prior, decoder = tiny_folders
-    flags = dict(
-        backend="flax",
-        gradient_accumulation_steps=2,
-        use_ema=True,
-        lr_scheduler="constant_with_warmup",
-        lr_warmup_steps=3,
-        report_to="none",
-        train_batch_size=1,
-        mesh_shape="data=2",
-    )
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main("prior", train_args(prior, decoder, sample_dataset, straight, **flags)) == 0
-    first = train_args(prior, decoder, sample_dataset, split, **{**flags, "max_train_steps": 2})
-    assert main("prior", first) == 0
-    resumed = train_args(
-        prior, decoder, sample_dataset, split, resume_from_checkpoint="latest", **flags
-    )
-    assert main("prior", resumed) == 0
-    a = load_file(straight / "prior" / "diffusion_pytorch_model.safetensors")
-    b = load_file(split / "prior" / "diffusion_pytorch_model.safetensors")
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-
-
 @pytest.mark.parametrize(
     "flags,words",
     [
