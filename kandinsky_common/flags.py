@@ -121,6 +121,11 @@ class TrainConfig:
         "flax: attention kernel; 'chunked' bounds memory at long token counts (UNet at 768 px).",
         choices=("dot", "chunked"),
     )
+    skip_nonfinite_updates: bool = _f(
+        False,
+        "Skip an update whose loss or gradient norm is NaN/Inf (the weights, optimizer, LR "
+        "schedule and EMA stay as they were) and count it, instead of stopping the run.",
+    )
 
 
 OUR_FLAGS = (
@@ -135,6 +140,7 @@ OUR_FLAGS = (
     "embeddings_cache",
     "compile_cache_dir",
     "attention",
+    "skip_nonfinite_updates",
 )
 DIFFUSERS_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in OUR_FLAGS)
 
@@ -228,9 +234,26 @@ def validate(cfg: TrainConfig, stage: str) -> None:
             "--mesh_shape/--coordinator_address/--num_processes/--process_id are flax flags; "
             "the torch backend is launched with torchrun"
         )
-    out = Path(cfg.output_dir)
+    _check_output_dir(Path(cfg.output_dir))
+
+
+def _check_output_dir(out: Path) -> None:
+    """output_dir (or the folder it would be created in) must be a writable folder: found now,
+    not after minutes of model loading and compiling, and before anything is written."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file; pass a folder path")
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(
+            f"--output_dir {out} cannot be created: {existing} is a file; pass a folder path"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(
+            f"--output_dir {out} is not writable ({existing} is read-only or not yours); pass a "
+            "folder you can write to"
+        )
 
 
 def _validate_flax(cfg: TrainConfig) -> None:
