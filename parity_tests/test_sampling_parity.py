@@ -272,6 +272,7 @@ def test_decoder_latents_match_without_clip_sample(unclipped_decoder_pair, monke
     assert max_rel(latents, ref) <= TOL
 
 
+@pytest.mark.slow  # ~15 s: two more compiles at the small sizes
 def test_small_configs_match_diffusers(small_folders, tmp_path, monkeypatch):
     prior = load_prior_pair(small_folders[0])
     (embeds, negative), (ref_embeds, ref_negative) = run_prior(prior, monkeypatch, 25, 4.0)
