@@ -18,6 +18,7 @@ from flax import nnx
 from transformers import CLIPTokenizer
 
 from flax_kandinsky.models.clip import load_image_encoder, load_text_encoder
+from flax_kandinsky.models.layers import set_attention
 from flax_kandinsky.models.movq import load_movq
 from flax_kandinsky.models.prior import load_prior, save_prior
 from flax_kandinsky.models.unet import load_unet, save_unet
@@ -65,7 +66,9 @@ class PriorStage(Stage):
 
     spec = PRIOR
 
-    def __init__(self, prior_dir, *, dtype=None, frozen_dtype=jnp.float32, remat=False):
+    def __init__(
+        self, prior_dir, *, dtype=None, frozen_dtype=jnp.float32, remat=False, attention="dot"
+    ):
         folder = check_pipeline_folder(prior_dir, "prior", "--pretrained_prior_model_name_or_path")
         self.folder = folder
         self.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
@@ -78,6 +81,7 @@ class PriorStage(Stage):
             folder / "prior", dtype=dtype, gradient_checkpointing=remat
         )
         self.schedule = NoiseSchedule.prior()
+        set_attention(attention, self.model, *self.frozen.values())
 
     def x0_shape(self, batch_size: int, resolution: int) -> tuple[int, ...]:
         return (batch_size, self.model.config.embedding_dim)
@@ -131,6 +135,7 @@ class DecoderStage(Stage):
         frozen_dtype=jnp.float32,
         remat=False,
         prediction_type: str | None = None,
+        attention="dot",
     ):
         folder = check_pipeline_folder(
             decoder_dir, "decoder", "--pretrained_decoder_model_name_or_path"
@@ -146,6 +151,7 @@ class DecoderStage(Stage):
         self.model, self.model_config = load_unet(
             folder / "unet", dtype=dtype, gradient_checkpointing=remat
         )
+        set_attention(attention, self.model, *self.frozen.values())
         self.schedule = NoiseSchedule.from_config(
             read_config(folder / "scheduler"), prediction_type=prediction_type
         )

@@ -141,6 +141,7 @@ class CLIPAttention(nnx.Module):
     def __init__(self, dim: int, heads: int, *, dtype=None, param_dtype=jnp.float32, rngs):
         self.heads = heads
         self.scale = (dim // heads) ** -0.5
+        self.attention_impl = "dot"  # layers.set_attention switches it
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.k_proj = layers.linear(dim, dim, **kw)
         self.v_proj = layers.linear(dim, dim, **kw)
@@ -151,7 +152,7 @@ class CLIPAttention(nnx.Module):
         q = layers.split_heads(self.q_proj(x), self.heads)  # (B, L, H, D)
         k = layers.split_heads(self.k_proj(x), self.heads)
         v = layers.split_heads(self.v_proj(x), self.heads)
-        out = layers.attention(q, k, v, bias, scale=self.scale)
+        out = layers.attention(q, k, v, bias, self.scale, self.attention_impl)
         return self.out_proj(layers.merge_heads(out))  # (B, L, H*D)
 
 

@@ -93,20 +93,129 @@ def group_norm(dim: int, groups: int, eps: float, *, dtype=None, param_dtype=jnp
     )
 
 
+ATTENTION_IMPLS = ("dot", "chunked")
+# Query rows per block of the chunked kernel: the UNet's 48x48 level (2304 tokens) runs in 3
+# blocks, MoVQ's 96x96 level (9216 tokens at 768 px) in 9.
+QUERY_CHUNK = 1024
+# Keys per block: beyond this the kernel also splits keys (online softmax); no K2.2 network at
+# 768 px attends over more than MoVQ's 9216 tokens, so it splits keys there only.
+KEY_CHUNK = 4096
+
+
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None, scale=None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array | None = None,
+    scale=None,
+    impl: str = "dot",
 ) -> jax.Array:
     """Multi-head scaled dot-product attention, softmax in fp32 (diffusers' upcast_softmax).
 
     q: (B, Lq, H, D); k, v: (B, Lk, H, D); bias: additive, broadcastable to (B, H, Lq, Lk).
-    Returns (B, Lq, H, D) in q's dtype.
+    Returns (B, Lq, H, D) in q's dtype. impl "dot" materialises the (B, H, Lq, Lk) logits;
+    "chunked" computes the same in blocks (`chunked_attention`), the xFormers counterpart.
     """
+    if impl == "chunked":
+        return chunked_attention(q, k, v, bias, scale)
+    if impl != "dot":
+        raise UserError(f"attention {impl!r} is not supported; use one of {ATTENTION_IMPLS}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def _spans(n: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, stop) blocks of about equal size, none longer than `chunk`."""
+    parts = -(-n // chunk)
+    size = -(-n // parts)
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _bias_block(bias: jax.Array | None, axis: int, start: int, stop: int) -> jax.Array | None:
+    """The rows (axis 2) or columns (axis 3) of a 4-d bias, unless broadcast along that axis."""
+    if bias is None or bias.shape[axis] == 1:
+        return bias
+    return jax.lax.slice_in_dim(bias, start, stop, axis=axis)
+
+
+def _online_softmax(q, k, v, bias, scale, key_chunk):
+    """softmax(q k^T * scale + bias) v over key blocks, rescaling the running sum (flash style)."""
+    b, lq, h, _ = q.shape
+    m = jnp.full((b, h, lq), -jnp.inf, jnp.float32)  # running max of the logits
+    total = jnp.zeros((b, h, lq), jnp.float32)  # running sum of exp(logits - m)
+    acc = jnp.zeros((b, h, lq, v.shape[-1]), jnp.float32)  # running sum of exp(...) v
+
+    def step(m, total, acc, kb, vb, bb):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, kb).astype(jnp.float32) * scale
+        if bb is not None:
+            s = s + bb.astype(jnp.float32)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all -inf so far: keep exp finite
+        p = jnp.exp(s - shift[..., None])
+        keep = jnp.exp(m - shift)
+        total = total * keep + jnp.sum(p, axis=-1)
+        pv = jnp.einsum(
+            "bhqk,bkhd->bhqd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32
+        )
+        return m_new, total, acc * keep[..., None] + pv
+
+    # Recomputed in the backward pass, so it keeps one key block's probabilities, not all.
+    step = jax.checkpoint(step)
+    for k0, k1 in _spans(k.shape[1], key_chunk):
+        m, total, acc = step(m, total, acc, k[:, k0:k1], v[:, k0:k1], _bias_block(bias, 3, k0, k1))
+    out = acc / total[..., None]
+    return jnp.transpose(out, (0, 2, 1, 3)).astype(q.dtype)  # (B,H,Lq,D) -> (B,Lq,H,D)
+
+
+def chunked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array | None = None,
+    scale=None,
+    query_chunk: int = QUERY_CHUNK,
+    key_chunk: int = KEY_CHUNK,
+) -> jax.Array:
+    """`attention` computed block by block (memory-efficient attention, Rabe & Staats 2021).
+
+    Query blocks are independent rows of the same softmax, so with keys in one block each block
+    is `attention` itself; past `key_chunk` keys a block walks the keys with an online softmax
+    (equal to fp32 round-off). Each block is rematerialised in the backward pass: memory holds
+    one (B, H, query_chunk, key_chunk) block of logits instead of all (B, H, Lq, Lk). Blocks are
+    unrolled (no while loop), so XLA's cost analysis counts every block's flops.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if bias is not None:
+        bias = jnp.reshape(bias, (1,) * (4 - bias.ndim) + bias.shape)  # -> (B|1, H|1, Lq|1, Lk|1)
+    lk = k.shape[1]
+
+    def block(qb, k, v, bb):
+        if lk <= key_chunk:
+            return attention(qb, k, v, bb, scale)
+        return _online_softmax(qb, k, v, bb, scale, key_chunk)
+
+    spans = _spans(q.shape[1], query_chunk)
+    if len(spans) == 1 and lk <= key_chunk:
+        return attention(q, k, v, bias, scale)
+    block = jax.checkpoint(block)
+    outs = [block(q[:, q0:q1], k, v, _bias_block(bias, 2, q0, q1)) for q0, q1 in spans]
+    return jnp.concatenate(outs, axis=1)
+
+
+def set_attention(impl: str, *models: nnx.Module) -> None:
+    """Use attention `impl` in every attention module (those with `attention_impl`) of `models`,
+    as diffusers' `set_attn_processor`; it is static module state, so it is fixed at trace time.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise UserError(f"--attention {impl!r} is not supported; use one of {ATTENTION_IMPLS}")
+    for model in models:
+        for _, module in nnx.iter_modules(model):
+            if hasattr(module, "attention_impl"):
+                module.attention_impl = impl
 
 
 def split_heads(x: jax.Array, heads: int) -> jax.Array:

@@ -121,6 +121,7 @@ class SelfAttention2D(nnx.Module):
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.heads = channels // head_dim
+        self.attention_impl = "dot"  # layers.set_attention switches it
         inner = self.heads * head_dim
         self.group_norm = (
             group_norm(channels, norm_num_groups, eps, **kw) if norm_num_groups else None
@@ -140,7 +141,9 @@ class SelfAttention2D(nnx.Module):
         if self.group_norm is not None:
             x = self.group_norm(x)
         q, k, v = (split_heads(p(x), self.heads) for p in (self.to_q, self.to_k, self.to_v))
-        o = self.to_out[0](merge_heads(attention(q, k, v)))  # (B,HW,heads,D) -> (B,HW,C)
+        o = self.to_out[0](
+            merge_heads(attention(q, k, v, impl=self.attention_impl))
+        )  # (B,HW,heads,D) -> (B,HW,C)
         return o.reshape(b, h, w, c) + residual  # (B,HW,C) -> (B,H,W,C)
 
 

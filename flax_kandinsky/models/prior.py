@@ -182,6 +182,7 @@ class Attention(nnx.Module):
 
     def __init__(self, dim, heads, head_dim, *, dtype=None, param_dtype=jnp.float32, rngs):
         self.heads = heads
+        self.attention_impl = "dot"  # layers.set_attention switches it
         inner = heads * head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.to_q = layers.linear(dim, inner, **kw)
@@ -193,7 +194,9 @@ class Attention(nnx.Module):
         q = layers.split_heads(self.to_q(x), self.heads)  # (B, L, H, D)
         k = layers.split_heads(self.to_k(x), self.heads)
         v = layers.split_heads(self.to_v(x), self.heads)
-        out = layers.merge_heads(layers.attention(q, k, v, bias))  # (B, L, H*D)
+        out = layers.merge_heads(
+            layers.attention(q, k, v, bias, impl=self.attention_impl)
+        )  # (B, L, H*D)
         for module in self.to_out:
             out = module(out)
         return out

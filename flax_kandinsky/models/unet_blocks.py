@@ -54,6 +54,7 @@ class AddedKVAttention(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         inner = heads * head_dim
         self.heads = heads
+        self.attention_impl = "dot"  # layers.set_attention switches it
         self.group_norm = group_norm(query_dim, norm_num_groups, eps, **kw)
         self.to_q = linear(query_dim, inner, **kw)
         self.to_k = linear(query_dim, inner, **kw)
@@ -69,7 +70,8 @@ class AddedKVAttention(nnx.Module):
         q = split_heads(self.to_q(x), self.heads)  # (B,HW,heads,D)
         k = jnp.concatenate([self.add_k_proj(context), self.to_k(x)], axis=1)  # (B,T+HW,inner)
         v = jnp.concatenate([self.add_v_proj(context), self.to_v(x)], axis=1)
-        o = attention(q, split_heads(k, self.heads), split_heads(v, self.heads))
+        k, v = split_heads(k, self.heads), split_heads(v, self.heads)
+        o = attention(q, k, v, impl=self.attention_impl)
         o = self.to_out[0](merge_heads(o))  # (B,HW,heads,D) -> (B,HW,C)
         return o.reshape(b, h, w, c) + residual  # (B,HW,C) -> (B,H,W,C)
 
