@@ -18,9 +18,13 @@ def flax_images(a) -> list:
 
     prior = check_pipeline_folder(a.prior, "prior", "--prior")
     decoder = check_pipeline_folder(a.decoder, "decoder", "--decoder")
-    from flax_kandinsky.sampling import Sampler
+    from flax_kandinsky.sampling import Sampler, checkpoint_params
 
-    sampler = Sampler.from_folders(prior, decoder)
+    trained = {}
+    if a.checkpoint is not None:  # the trained network replaces its twin from --prior/--decoder
+        stage, params = checkpoint_params(a.checkpoint)
+        trained = {"prior_params" if stage == "prior" else "unet_params": params}
+    sampler = Sampler.from_folders(prior, decoder, **trained)
     return sampler.generate(
         a.prompt, height=a.size, width=a.size, decoder_steps=a.steps, seed=a.seed
     )
@@ -45,7 +49,11 @@ def main(argv=None):
     p.add_argument("--backend", choices=("flax", "torch"), default="flax", help="default: flax")
     p.add_argument("--prior", required=True, help="prior pipeline folder")
     p.add_argument("--decoder", required=True, help="decoder pipeline folder")
-    p.add_argument("--checkpoint", help="flax training checkpoint folder (checkpoint-N)")
+    p.add_argument(
+        "--checkpoint",
+        help="flax training checkpoint (checkpoint-N): its network (EMA weights if kept)\n"
+        "replaces the prior or the UNet of --prior/--decoder",
+    )
     p.add_argument("--prompt", nargs="+", required=True, help="one image per prompt")
     p.add_argument("--out", required=True, help="output folder for PNGs (and grid.png)")
     p.add_argument("--size", type=int, default=512, help="height and width in pixels")
@@ -55,13 +63,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.size < 1 or a.steps < 1:
         raise UserError(f"--size {a.size} and --steps {a.steps} must be positive")
-    if a.checkpoint is not None:
-        raise UserError(
-            f"--checkpoint {a.checkpoint}: sampling from a flax training checkpoint comes with the "
-            "flax training backend (flax_kandinsky.checkpoint cannot restore the network alone "
-            "yet); pass the run's exported diffusers folder as --prior or --decoder instead"
-        )
     if a.backend == "torch":
+        if a.checkpoint is not None:
+            raise UserError(
+                "--checkpoint samples a flax checkpoint; for a torch run, export it with "
+                "scripts/export_checkpoint.py and pass the folder as --prior or --decoder"
+            )
         from torch_kandinsky.generate import generate_images
 
         paths = generate_images(

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from flax_kandinsky.sampling import (
@@ -20,6 +22,7 @@ from flax_kandinsky.sampling import (
     PriorPipeline,
     Sampler,
     UnCLIPScheduler,
+    checkpoint_params,
     downscale_height_and_width,
     load_scheduler,
 )
@@ -215,13 +218,31 @@ def test_generate_help_names_backend_and_checkpoint():
         assert flag in out
 
 
-def test_generate_checkpoint_is_a_user_error(tiny_folders, tmp_path):
+@pytest.mark.parametrize("backend, match", [("flax", "not a folder"), ("torch", "export it")])
+def test_generate_checkpoint_errors(tiny_folders, tmp_path, backend, match):
     prior, decoder = tiny_folders
     args = ["--prior", prior, "--decoder", decoder, "--prompt", "a", "--out", tmp_path / "o"]
-    proc = run_script("generate.py", *args, "--checkpoint", tmp_path, check=False)
+    args += ["--backend", backend, "--checkpoint", tmp_path / "checkpoint-7"]
+    proc = run_script("generate.py", *args, check=False)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: --checkpoint") and "flax training backend" in proc.stderr
+    assert proc.stderr.startswith("error: ") and match in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_params_and_overrides_must_fit(tiny_folders, sampler, monkeypatch):
+    from flax_kandinsky import export
+
+    stage = SimpleNamespace(spec=SimpleNamespace(name="decoder"))  # what the loader needs
+    d = sampler.decoder
+    unet = nnx.merge(d._unet_graph, d.params, d._unet_rest)
+    monkeypatch.setattr(export, "load_checkpoint_model", lambda path, use_ema: (stage, unet))
+    name, params = checkpoint_params("checkpoint-1")
+    assert name == "decoder"
+    assert jax.tree.structure(params) == jax.tree.structure(sampler.decoder.params)
+    with pytest.raises(UserError, match="do not fit"):
+        sampler.prior(["a"], num_inference_steps=2, params=params)
+    with pytest.raises(UserError, match="do not fit"):
+        Sampler.from_folders(*tiny_folders, prior_params=params)
 
 
 def test_generate_flax_writes_pngs_without_torch(tiny_folders, tmp_path):

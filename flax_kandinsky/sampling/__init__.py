@@ -8,6 +8,7 @@ from flax_kandinsky.sampling.pipelines import (
     DecoderPipeline,
     PriorPipeline,
     Sampler,
+    checkpoint_params,
     downscale_height_and_width,
     to_pil,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "PriorPipeline",
     "Sampler",
     "UnCLIPScheduler",
+    "checkpoint_params",
     "downscale_height_and_width",
     "load_scheduler",
     "to_pil",

@@ -29,7 +29,14 @@ from flax_kandinsky.models.clip import load_image_encoder, load_text_encoder
 from flax_kandinsky.models.movq import load_movq
 from flax_kandinsky.models.prior import load_prior
 from flax_kandinsky.models.unet import load_unet
-from flax_kandinsky.sampling.schedulers import DDPMScheduler, UnCLIPScheduler, load_scheduler
+from flax_kandinsky.sampling.schedulers import (
+    DDPMScheduler,
+    UnCLIPScheduler,
+    draw_normal,
+    load_scheduler,
+    prng_key,
+    row_keys,
+)
 from kandinsky_common.errors import UserError
 from kandinsky_common.folders import check_pipeline_folder
 from kandinsky_common.preprocess import tokenize
@@ -48,26 +55,6 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
 
 
-def _key(seed) -> jax.Array:
-    """A PRNG key from an int seed, a key (kept), or None (a fresh random seed)."""
-    if seed is None:
-        seed = int(np.random.default_rng().integers(2**31))
-    if isinstance(seed, int | np.integer):
-        return jax.random.PRNGKey(int(seed))
-    if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(seed)  # raw uint32 keys convert to numpy for placement
-    return seed
-
-
-def _row_keys(key: jax.Array, rows: int) -> jax.Array:
-    return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows))
-
-
-def _draw(keys: jax.Array, index, shape) -> jax.Array:
-    """One standard normal array per row key, (rows, *shape), float32."""
-    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, index), shape))(keys)
-
-
 def _as_prompts(prompts, what: str) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -82,6 +69,15 @@ def _check_array(x, shape: tuple[int, ...], what: str) -> np.ndarray:
     if x.shape != shape:
         raise ValueError(f"{what} has shape {x.shape}, expected {shape}")
     return x
+
+
+def checkpoint_params(checkpoint: str | Path, use_ema: bool = True) -> tuple[str, nnx.State]:
+    """(stage name, trained params) of a flax training checkpoint folder (checkpoint-N): the EMA
+    weights when the run kept them and `use_ema`, else the live ones."""
+    from flax_kandinsky.export import load_checkpoint_model  # the training stack, only here
+
+    stage, model = load_checkpoint_model(checkpoint, use_ema)
+    return stage.spec.name, nnx.split(model, nnx.Param, ...)[1]
 
 
 def _guidance(scale) -> float:
@@ -121,6 +117,20 @@ class _Placement:
         if self.mesh is None:
             return tree
         return jax.device_put(tree, sh.tree_shardings(self.mesh, tree))
+
+    def override(self, loaded, params, what: str):
+        """`params` placed, if not None and its arrays have the names and shapes of `loaded`."""
+        if params is None:
+            return loaded
+        leaves = [jax.tree_util.tree_flatten_with_path(t)[0] for t in (loaded, params)]
+        want, got = ({jax.tree_util.keystr(k): tuple(x.shape) for k, x in ls} for ls in leaves)
+        if want != got:
+            diff = sorted(set(want.items()) ^ set(got.items()))[:2]
+            raise UserError(
+                f"the {what} weights given do not fit the {what} of the pipeline folder (e.g. "
+                f"{diff}); sample with the folder the network was trained from"
+            )
+        return self.params(params)
 
     @staticmethod
     def to_host(x: jax.Array, rows: int) -> np.ndarray:
@@ -192,7 +202,7 @@ class PriorPipeline:
     def _denoise(self, params, rest, table, latents, keys, noise, text, guidance, *, cfg):
         prior = nnx.merge(self._prior_graph, params, rest)
         if latents is None:
-            latents = _draw(keys, 0, (self.embedding_dim,))
+            latents = draw_normal(keys, 0, (self.embedding_dim,))
 
         def body(i, x):
             row = jax.tree.map(lambda a: a[i], table)
@@ -202,7 +212,7 @@ class PriorPipeline:
             if cfg:
                 uncond, cond = jnp.split(pred, 2)
                 pred = uncond + guidance * (cond - uncond)
-            eps = _draw(keys, i + 1, x.shape[1:]) if noise is None else noise[i]
+            eps = draw_normal(keys, i + 1, x.shape[1:]) if noise is None else noise[i]
             return self.scheduler.step(row, pred, x, eps)
 
         x = jax.lax.fori_loop(0, table["timestep"].shape[0], body, latents.astype(jnp.float32))
@@ -263,9 +273,9 @@ class PriorPipeline:
         }
         keys = None
         if latents is None or noise is None:
-            keys = self.place.batch(_row_keys(_key(seed), rp))
+            keys = self.place.batch(row_keys(prng_key(seed), rp))
         x = self._loop(
-            self.params if params is None else self.place.params(params),
+            self.place.override(self.params, params, "prior"),
             self._prior_rest,
             table,
             self.place.batch(self.place.pad(latents, rp)),
@@ -346,7 +356,7 @@ class DecoderPipeline:
         unet = nnx.merge(self._unet_graph, params, rest)
         c = self.latent_channels
         if latents is None:
-            latents = _draw(keys, 0, shape)
+            latents = draw_normal(keys, 0, shape)
 
         def body(i, x):
             row = jax.tree.map(lambda a: a[i], table)
@@ -357,7 +367,7 @@ class DecoderPipeline:
                 uncond, cond = jnp.split(eps, 2)
                 eps = uncond + guidance * (cond - uncond)
                 var = jnp.split(var, 2)[1]
-            z = _draw(keys, i + 1, shape) if noise is None else noise[i]
+            z = draw_normal(keys, i + 1, shape) if noise is None else noise[i]
             learned = var if self.scheduler.learned_variance else None
             return self.scheduler.step(row, eps, x, z, learned)
 
@@ -414,9 +424,9 @@ class DecoderPipeline:
             embeds = np.concatenate([self.place.pad(neg, bp), embeds])
         keys = None
         if latents is None or noise is None:
-            keys = self.place.batch(_row_keys(_key(seed), bp))
+            keys = self.place.batch(row_keys(prng_key(seed), bp))
         images = self._loop(
-            self.params if params is None else self.place.params(params),
+            self.place.override(self.params, params, "unet"),
             self._unet_rest,
             self._movq_state,
             table,
@@ -461,10 +471,8 @@ class Sampler:
         `nnx.split(model, nnx.Param, ...)` gives) replace the loaded networks' weights."""
         prior = PriorPipeline.from_folder(prior_dir, dtype=dtype, mesh=mesh)
         decoder = DecoderPipeline.from_folder(decoder_dir, dtype=dtype, mesh=mesh)
-        if prior_params is not None:
-            prior.params = prior.place.params(prior_params)
-        if unet_params is not None:
-            decoder.params = decoder.place.params(unet_params)
+        prior.params = prior.place.override(prior.params, prior_params, "prior")
+        decoder.params = decoder.place.override(decoder.params, unet_params, "unet")
         return cls(prior, decoder)
 
     def generate(
@@ -484,7 +492,7 @@ class Sampler:
     ) -> list[Image.Image]:
         """One image per prompt. `seed` (int or PRNG key) is split between the two stages;
         prior_params / unet_params override the weights for this call only."""
-        prior_key, decoder_key = jax.random.split(_key(seed))
+        prior_key, decoder_key = jax.random.split(prng_key(seed))
         embeds, negative = self.prior(
             prompts,
             negative_prompt,

@@ -326,6 +326,30 @@ class DDPMScheduler:
         return prev + std * noise
 
 
+# --- noise draws: each row (prompt) has its own key; draw i of a row uses fold_in(key_r, i) ---
+
+
+def prng_key(seed) -> jax.Array:
+    """A PRNG key from an int seed, a key (kept), or None (a fresh random seed)."""
+    if seed is None:
+        seed = int(np.random.default_rng().integers(2**31))
+    if isinstance(seed, int | np.integer):
+        return jax.random.PRNGKey(int(seed))
+    if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(seed)  # raw uint32 keys convert to numpy for placement
+    return seed
+
+
+def row_keys(key: jax.Array, rows: int) -> jax.Array:
+    """Row r's key: fold_in(key, r)."""
+    return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows))
+
+
+def draw_normal(keys: jax.Array, index, shape) -> jax.Array:
+    """One standard normal array per row key, (rows, *shape), float32."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, index), shape))(keys)
+
+
 def load_scheduler(folder) -> UnCLIPScheduler | DDPMScheduler:
     """The scheduler of a pipeline's `scheduler/` folder (UnCLIPScheduler or DDPMScheduler)."""
     config = read_config(folder)
