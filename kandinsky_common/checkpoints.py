@@ -13,6 +13,7 @@ it still counts torch checkpoints as complete so that resuming one with the wron
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -85,6 +86,67 @@ def read_state(path: str | Path) -> dict:
         return json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"checkpoint {path} is incomplete or damaged ({e}); pick another") from e
+
+
+def newest_readable(output_dir: str | Path, backend: str = "torch") -> tuple[Path, dict] | None:
+    """(path, state) of the newest complete checkpoint whose JSON state reads back, or None.
+
+    A damaged one is passed over silently here: the backend's restore meets it again and names
+    the damage in its warning when it falls back past it.
+    """
+    for _, path in reversed(complete_checkpoints(output_dir, backend)):
+        try:
+            return path, read_state(path)
+        except UserError:
+            continue
+    return None
+
+
+def stale_temp_dirs(output_dir: str | Path) -> list[Path]:
+    """`.checkpoint-N.tmp` folders: saves that a killed or failed run never finished."""
+    root = Path(output_dir)
+    return sorted(root.glob(".checkpoint-*.tmp")) if root.is_dir() else []
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _disk_full(e: BaseException, folder: Path) -> bool:
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(x) or "os_error_code='28'" in str(x):
+            return True
+    try:  # torch.save reports a full disk as a zip writer position mismatch, for instance
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def write_failed(path: str | Path, error: BaseException, backend: str = "torch") -> UserError:
+    """One line for a checkpoint that could not be written: why, and what is still safe."""
+    path = Path(path)
+    root = path.parent
+    if _disk_full(error, root):
+        reason = "no space left on the device"
+    else:
+        text = " ".join(str(error).split()) or type(error).__name__
+        reason = text if len(text) <= 200 else text[:197] + "..."
+    found = complete_checkpoints(root, backend)
+    kept = (
+        f"{found[-1][1].name} is the newest complete checkpoint"
+        if found
+        else "no checkpoint was completed yet"
+    )
+    return UserError(
+        f"writing {path.name} in {root} failed ({reason}); {kept}: free space, then rerun "
+        "with --resume_from_checkpoint latest"
+    )
 
 
 def write_state(path: str | Path, state: dict) -> None:

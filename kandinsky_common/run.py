@@ -156,6 +156,12 @@ def plan_run(
         seed=cfg.seed if cfg.seed is not None else 0,
     )
     resume = ck.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint, backend=backend)
+    if resume is not None and resumed_state is None and cfg.resume_from_checkpoint == "latest":
+        # Checks below need a readable state: a damaged newest one is passed over (the backend's
+        # restore warns when it falls back past it); if none reads, read_state names the damage.
+        found = ck.newest_readable(cfg.output_dir, backend)
+        if found is not None:
+            resume, resumed_state = found
     if resumed_state is None and resume is not None:
         resumed_state = ck.read_state(resume)
     if resumed_state:

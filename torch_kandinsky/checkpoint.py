@@ -1,11 +1,43 @@
-"""Resumable checkpoints of the torch backend: accelerate state + model folder + data position."""
+"""Resumable checkpoints of the torch backend: accelerate state + model folder + data position.
+
+Crash safety: a checkpoint is written into `.checkpoint-N.tmp` and renamed to `checkpoint-N` once
+complete (training_state.json last), so a run killed mid-write never leaves a folder that "latest"
+would pick. Checkpoints beyond --checkpoints_total_limit are deleted only once the new one is in
+place (the reference deletes first, so a crash during the save could leave none). A write that fails
+(a full disk) removes its temporary folder and ends the run with one line.
+
+Damage found when resuming (a truncated or deleted file) is a CheckpointDamaged naming the file;
+`resume` with 'latest' then falls back to the previous checkpoint with a warning. A checkpoint whose
+shapes do not match the model (other model folder) is a plain UserError: older ones would not fit
+either.
+"""
 
 from __future__ import annotations
 
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 
 from kandinsky_common import checkpoints as ck
+from kandinsky_common.errors import UserError
+
+# accelerate's file names for the first prepared model and optimizer, and registered objects.
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.bin"
+CUSTOM_FILE = "custom_checkpoint_{}.pkl"
+
+
+class CheckpointDamaged(UserError):
+    """A checkpoint folder that is complete by name but cannot be read back."""
+
+    def __init__(self, path: str | Path, damage: str):
+        self.path = Path(path)
+        self.damage = damage
+        super().__init__(
+            f"checkpoint {path} is damaged ({damage}); resume from another checkpoint with "
+            "--resume_from_checkpoint, or delete it"
+        )
 
 
 def save(
@@ -13,22 +45,121 @@ def save(
 ) -> Path:
     """Every process calls this (accelerate writes per-process RNG files); main renames."""
     tmp = ck.temp_dir(output_dir, step)
+    final = ck.checkpoint_dir(output_dir, step)
     if accelerator.is_main_process:
-        ck.prune(output_dir, limit)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        # Saves of one run are sequential: any temporary folder now is a killed run's leftover.
+        for stale in ck.stale_temp_dirs(output_dir):
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(tmp / stage_spec.model_subfolder)
+            if ema is not None:  # as the reference: <model>_ema/, loadable by from_pretrained
+                ema.save_pretrained(str(tmp / f"{stage_spec.model_subfolder}_ema"))
+            ck.write_state(tmp, state)
+    except Exception as e:  # a full disk shows as OSError, or as RuntimeError from torch.save
+        error = ck.write_failed(final, e, "torch")
+        shutil.rmtree(tmp, ignore_errors=True)  # never a checkpoint; give the space back
+        raise error from e
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp / stage_spec.model_subfolder)
-        if ema is not None:  # as the reference: <model>_ema/, loadable by from_pretrained
-            ema.save_pretrained(str(tmp / f"{stage_spec.model_subfolder}_ema"))
-        ck.write_state(tmp, state)
-        ck.finalize(tmp, ck.checkpoint_dir(output_dir, step))
+        ck.finalize(tmp, final)
+        ck.prune(output_dir, limit, keep_room_for_one=False)
     accelerator.wait_for_everyone()
-    return ck.checkpoint_dir(output_dir, step)
+    return final
 
 
-def load(accelerator, path: Path) -> dict:
-    accelerator.load_state(str(path))
-    return ck.read_state(path)
+def _brief(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _check_files(path: Path, model, num_custom: int) -> None:
+    """Cheap structural checks that name the damaged file (accelerate's own errors do not)."""
+    needed = [MODEL_FILE, OPTIMIZER_FILE] + [CUSTOM_FILE.format(i) for i in range(num_custom)]
+    for name in needed:
+        if not (path / name).is_file():
+            raise CheckpointDamaged(path, f"{name} is missing")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path / MODEL_FILE), framework="pt") as f:
+            saved = {k.removeprefix("module."): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointDamaged(path, f"{MODEL_FILE} is unreadable: {_brief(e)}") from e
+    for name in needed[1:]:
+        try:  # torch.save writes zip archives: a truncated one has no central directory
+            zipfile.ZipFile(path / name).close()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointDamaged(path, f"{name} is truncated or corrupt: {_brief(e)}") from e
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    common = wanted.keys() & saved.keys()
+    wrong = [k for k in sorted(common) if wanted[k] != saved[k]]
+    if not common or wrong:
+        detail = (
+            f"{wrong[0]} has shape {saved[wrong[0]]} there, {wanted[wrong[0]]} here"
+            if wrong
+            else "no parameter names in common"
+        )
+        raise UserError(
+            f"checkpoint {path} does not fit this run's model ({detail}): resume with the model "
+            "folder and flags it was written with, or use another --output_dir"
+        )
+
+
+def load(accelerator, path: Path, model=None) -> dict:
+    """Restore the accelerate state of `path` into the prepared objects; returns its JSON state.
+
+    Raises CheckpointDamaged for a missing, truncated or unloadable file.
+    """
+    path = Path(path)
+    try:
+        state = ck.read_state(path)
+    except UserError as e:
+        raise CheckpointDamaged(path, f"{ck.STATE_FILE} is unreadable") from e
+    if model is not None:
+        _check_files(path, accelerator.unwrap_model(model), len(accelerator._custom_objects))
+    try:
+        accelerator.load_state(str(path))
+    except MemoryError:
+        raise  # not the checkpoint's fault
+    except Exception as e:
+        raise CheckpointDamaged(path, f"accelerate cannot load it: {_brief(e)}") from e
+    return state
+
+
+def _warn(accelerator, message: str) -> None:
+    if accelerator.is_main_process:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def resume(accelerator, plan, model, requested: str | None) -> dict | None:
+    """Load the checkpoint the run resumes from: its JSON state, or None for a fresh start.
+
+    An explicit checkpoint must load. 'latest' takes the newest complete checkpoint that loads,
+    warning about each damaged one it passes over, and points `plan.resume`/`plan.resumed_state`
+    at the one used (the data position follows it). If all are damaged, that is an error, not a
+    silent fresh start.
+    """
+    if plan.resume is None:
+        return None
+    if requested != "latest":
+        return load(accelerator, plan.resume, model)
+    found = [p for _, p in reversed(ck.complete_checkpoints(plan.resume.parent, "torch"))]
+    damaged = []
+    for i, path in enumerate(found):
+        try:
+            state = load(accelerator, path, model)
+        except CheckpointDamaged as e:
+            damaged.append(e)
+            fallback = found[i + 1].name if i + 1 < len(found) else "nothing older"
+            _warn(accelerator, f"{path.name} is damaged ({e.damage}); trying {fallback}")
+            continue
+        ck.check_compatible(state, stage=plan.spec.name, backend="torch", path=path)
+        plan.resume, plan.resumed_state = path, state
+        return state
+    raise UserError(
+        f"every checkpoint in {plan.resume.parent} is damaged ("
+        + "; ".join(f"{e.path.name}: {e.damage}" for e in damaged)
+        + "); delete them to start over, or use another --output_dir"
+    )
