@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import re
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,16 +156,37 @@ def _describe_damage(e: BaseException) -> str:
 
 
 def _is_aborted_read_report(unraisable) -> bool:
-    # orbax 0.12 reads arrays in parallel coroutines. When one read fails, its event loop closes
-    # with the others pending: their tensorstore callbacks then hit the closed loop, and the
-    # coroutines, closed at garbage collection (maybe much later), turn GeneratorExit into a new
-    # exception (`except BaseException` in orbax's `_read_array_index_and_device_put`). Both land
-    # in sys.unraisablehook as tracebacks after the damage has already been reported properly.
+    # orbax 0.12 reads and writes arrays in parallel coroutines. When one fails, its event loop
+    # closes with the others pending: their tensorstore callbacks then hit the closed loop, and
+    # the coroutines, closed at garbage collection (maybe much later, even at interpreter exit),
+    # turn GeneratorExit into a new exception (`except BaseException` in orbax's coroutines).
+    # They land in sys.unraisablehook as tracebacks after the failure has been reported properly.
     exc = unraisable.exc_value
     if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
         return True
     code = getattr(unraisable.object, "cr_code", None)
-    return code is not None and code.co_name == "_read_array_index_and_device_put"
+    if code is None:
+        return False
+    return code.co_name == "_read_array_index_and_device_put" or _ORBAX_DIR in code.co_filename
+
+
+_ORBAX_DIR = f"{Path(ocp.__file__).parent}"
+# tensorstore's I/O failures: what CheckpointDamaged and a failed save report in one line.
+_TENSORSTORE_IO = re.compile(r"\b[A-Z_]+: Error (reading|writing)\b")
+
+
+class _DropReportedIOErrors(logging.Filter):
+    """orbax logs each failed array read or write with a traceback from its worker threads
+    (absl), and asyncio logs the futures it left unretrieved; the store raises the same failure
+    to its caller as one line (CheckpointDamaged, or the write failure), so these repeat it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        while exc is not None:
+            if _TENSORSTORE_IO.search(str(exc)):
+                return False
+            exc = exc.__cause__ or exc.__context__
+        return True
 
 
 def _drop_aborted_read_reports() -> None:
@@ -172,6 +194,8 @@ def _drop_aborted_read_reports() -> None:
     previous = sys.unraisablehook
     if getattr(previous, "drops_aborted_reads", False):
         return
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_DropReportedIOErrors())
 
     def hook(unraisable) -> None:
         if not _is_aborted_read_report(unraisable):
@@ -249,7 +273,9 @@ class CheckpointStore:
             raise ValueError(f"meta says backend {meta['backend']!r}; this store writes flax")
         if step == self._last_saved:
             return
+        _drop_aborted_read_reports()  # a failed write (full disk) spews like a failed read
         manager = self._get_manager()
+        self.wait()  # the previous save's failure is that checkpoint's, not this one's
         if step in manager.all_steps():
             manager.wait_until_finished()
             log.warning("replacing %s left by an earlier run", self.path(step))
@@ -259,25 +285,39 @@ class CheckpointStore:
                 f"{self.path(step)} exists and is not a flax checkpoint (a torch run's?); move it "
                 "away or use another --output_dir"
             )
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
-            ),
-            force=True,
-        )
+        args = {STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
+        try:
+            manager.save(step, args=ocp.args.Composite(**args), force=True)
+        except Exception as e:
+            self._write_failed(step, e)
         self._last_saved = step
 
+    def _write_failed(self, step: int, error: Exception) -> None:
+        """A save that failed (a full disk): its folder never became `checkpoint-N`, so "latest"
+        is the previous one. Remove the remains to give the space back, and say so in one line."""
+        failure = ck.write_failed(self.path(step), error, BACKEND)
+        if jax.process_index() == 0:
+            for tmp in self.output_dir.glob(f"{self.path(step).name}{ck.ORBAX_TMP_MARK}*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        raise failure from error
+
     def wait(self) -> None:
-        """Block until every started save is on disk and finalized (re-raises its error)."""
+        """Block until every started save is on disk and finalized (a failure: UserError)."""
         if self._manager is not None:
-            self._manager.wait_until_finished()
+            try:
+                self._manager.wait_until_finished()
+            except Exception as e:
+                self._write_failed(self._last_saved, e)
 
     def close(self) -> None:
         """Wait for pending saves and release orbax's threads; the store is unusable afterwards."""
         if self._manager is not None:
-            self._manager.close()
-            self._manager = None
+            manager, self._manager = self._manager, None
+            self._closed = True
+            try:
+                manager.close()
+            except Exception as e:
+                self._write_failed(self._last_saved, e)
         self._closed = True
 
     def __enter__(self) -> CheckpointStore:
