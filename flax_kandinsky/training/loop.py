@@ -149,6 +149,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         snr_gamma=cfg.snr_gamma,
         use_ema=cfg.use_ema,
         encoded=plan.cache is not None,
+        skip_nonfinite=cfg.skip_nonfinite_updates,
     )
     consts = jax.device_put(consts, step.const_shardings)
     params = jax.device_put(params, step.state_shardings["params"])
@@ -157,17 +158,19 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
     )
     del params
     store = CheckpointStore(out, cfg.checkpoints_total_limit)
-    global_step = 0
+    global_step, skipped = 0, 0
     if plan.resume is not None:
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract,
             step.state_shardings,
         )
-        state, meta = store.restore(plan.resume, target, stage=stage_name)
+        # 'latest' falls back past damaged checkpoints with a warning; an explicit one must read.
+        state, meta = store.resume(cfg.resume_from_checkpoint, target, stage=stage_name)
         global_step = int(meta["global_step"])
+        skipped = int(meta.get("skipped_updates", 0))
         if main:
-            print(f"resumed from {plan.resume} at update {global_step}")
+            print(f"resumed from {store.path(global_step)} at update {global_step}")
     tracker = None
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -191,11 +194,15 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
     pending = None  # metrics of the previous update, read after the next one is dispatched
 
     def finish(update, metrics):
-        loss = float(metrics["loss"])
-        if not np.isfinite(loss):
+        nonlocal skipped
+        loss, norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if "skipped" in metrics:
+            skipped += int(metrics["skipped"])
+        elif not (np.isfinite(loss) and np.isfinite(norm)):
+            what = f"loss became {loss}" if not np.isfinite(loss) else f"grad norm became {norm}"
             raise NonFiniteLoss(
-                f"the loss became {loss} at optimizer update {update}; lower --learning_rate and "
-                f"resume from the last checkpoint in {out}"
+                f"the {what} at optimizer update {update}; lower --learning_rate and resume from "
+                f"the last checkpoint in {out}, or pass --skip_nonfinite_updates"
             )
         losses.append(loss)
         done.append(time.perf_counter())
@@ -224,7 +231,8 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                 if due or global_step == plan.max_train_steps or stop:
                     finish(*pending)
                     pending = None
-                    store.save(global_step, state, plan.state(global_step, cfg))
+                    extra = {"skipped_updates": skipped} if cfg.skip_nonfinite_updates else {}
+                    store.save(global_step, state, plan.state(global_step, cfg, **extra))
                 if stop:
                     preempted = True
                     break
@@ -236,6 +244,8 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         store.wait()
 
     summary = {"stage": stage_name, "backend": "flax", "updates": global_step}
+    if cfg.skip_nonfinite_updates:
+        summary["skipped_updates"] = skipped
     if preempted:
         if main:
             print(

@@ -72,10 +72,22 @@ def stage_loss(
 
 
 def make_train_step(
-    stage, graphdefs, tx, mesh, state, consts, *, snr_gamma, use_ema, encoded=False
+    stage,
+    graphdefs,
+    tx,
+    mesh,
+    state,
+    consts,
+    *,
+    snr_gamma,
+    use_ema,
+    encoded=False,
+    skip_nonfinite=False,
 ) -> StepFn:
     """Jit the update for this stage; `state`/`consts` give shapes and shardings. With
-    `encoded`, batches are cached encoder outputs and `consts` need no frozen encoders."""
+    `encoded`, batches are cached encoder outputs and `consts` need no frozen encoders. With
+    `skip_nonfinite`, an update whose loss or gradient norm is NaN/Inf leaves the whole state as
+    it was (params, Adam moments and count = LR position, EMA, step) and sets metrics["skipped"]."""
     alphas_cumprod = jnp.asarray(stage.schedule.alphas_cumprod)
 
     def loss_fn(params, consts, batch, noise, timesteps):
@@ -110,6 +122,11 @@ def make_train_step(
         if use_ema:
             new["ema"] = ema_update(state["ema"], params, step)
         metrics = {"loss": jnp.mean(losses), "grad_norm": optax.global_norm(grads)}
+        if skip_nonfinite:
+            # A select, not a cond: both branches exist anyway, and XLA fuses it into the update.
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+            metrics["skipped"] = jnp.logical_not(ok).astype(jnp.int32)
         return new, metrics
 
     state_sh = sh.tree_shardings(mesh, state)

@@ -32,7 +32,7 @@ from torch_kandinsky.training.optim import (
     make_lr_scheduler,
     make_optimizer,
 )
-from torch_kandinsky.training.step import train_step
+from torch_kandinsky.training.step import SkippedUpdates, train_step
 
 DTYPES = {None: torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -137,9 +137,11 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
 
-    global_step = 0
+    global_step, resumed = 0, None
     if plan.resume is not None:
-        global_step = ckpt.load(accelerator, plan.resume)["global_step"]
+        # 'latest' falls back past damaged checkpoints (warning); plan.resume follows.
+        resumed = ckpt.resume(accelerator, plan, model, cfg.resume_from_checkpoint)
+        global_step = resumed["global_step"]
         accelerator.print(f"resumed from {plan.resume} at update {global_step}")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -166,6 +168,9 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
     losses, window, t0 = [], [], time.perf_counter()
     done = []  # when each update finished: per-update wall times for benchmarks
     shape = stage.x0_shape(cfg.train_batch_size, cfg.resolution)
+    skips = None
+    if cfg.skip_nonfinite_updates:
+        skips = SkippedUpdates((resumed or {}).get("skipped_updates", 0))
     preempted = False
     guard = PreemptionGuard()
     try:
@@ -186,12 +191,14 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                 max_grad_norm=cfg.max_grad_norm,
                 snr_gamma=cfg.snr_gamma,
                 encoded=plan.cache is not None,
+                skip=skips,
             )
             window.append(loss)
             if accelerator.sync_gradients:
-                if not accelerator.optimizer_step_was_skipped:
+                skipped = skips is not None and skips.last_skipped  # nothing may move then
+                if not accelerator.optimizer_step_was_skipped and not skipped:
                     lr_scheduler.step()
-                if ema is not None:
+                if ema is not None and not skipped:
                     ema.step(accelerator.unwrap_model(model).parameters())
                 global_step += 1
                 mean = torch.tensor(float(np.mean(window)), device=accelerator.device)
@@ -216,7 +223,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                         global_step,
                         model,
                         stage.spec,
-                        plan.state(global_step, cfg),
+                        plan.state(global_step, cfg, **_skip_state(skips)),
                         limit=cfg.checkpoints_total_limit,
                         ema=ema,
                     )
@@ -235,7 +242,12 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         bar.close()  # so an error line starts on a line of its own
 
     accelerator.wait_for_everyone()
-    summary = {"stage": stage_name, "backend": "torch", "updates": global_step}
+    summary = {
+        "stage": stage_name,
+        "backend": "torch",
+        "updates": global_step,
+        **_skip_state(skips),
+    }
     if preempted:
         accelerator.print(
             f"stopped by {guard.signal_name} after update {global_step}; resume "
@@ -264,6 +276,11 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
             push_folder(cfg)
     accelerator.end_training()
     return summary
+
+
+def _skip_state(skips) -> dict:
+    """--skip_nonfinite_updates: the count, for the summary and the checkpoint's state."""
+    return {} if skips is None else {"skipped_updates": skips.count}
 
 
 def _agreed(accelerator, requested: bool) -> bool:

@@ -26,6 +26,16 @@ def stage_loss(stage, model, enc, noise: torch.Tensor, timesteps: torch.Tensor, 
     return diffusion_loss(pred, target, timesteps, ac, pt, snr_gamma)
 
 
+class SkippedUpdates:
+    """--skip_nonfinite_updates: state carried across the micro-steps of one update, and the
+    count of skipped updates (restored from the checkpoint when a run resumes)."""
+
+    def __init__(self, count: int = 0):
+        self.count = count
+        self.poisoned = False  # a micro-step of the current update had a non-finite loss
+        self.last_skipped = False  # whether the update that just ended was skipped
+
+
 def train_step(
     accelerator,
     stage,
@@ -38,9 +48,14 @@ def train_step(
     max_grad_norm: float,
     snr_gamma: float | None,
     encoded: bool = False,
+    skip: SkippedUpdates | None = None,
 ) -> float:
     """One micro-step: encode (frozen; skipped when `batch` holds cached encoder outputs), loss,
-    backward; on an update boundary clip and step."""
+    backward; on an update boundary clip and step.
+
+    A non-finite loss or gradient norm raises NonFiniteLoss before the weights change; with `skip`
+    the update is dropped instead (no optimizer step: weights and Adam state stay) and counted.
+    """
     with accelerator.accumulate(model):
         dev = stage.to_device(batch, accelerator.device, stage.weight_dtype)
         enc = dev if encoded else stage.encode(dev)
@@ -49,18 +64,41 @@ def train_step(
         )
         value = loss.detach().float().item()
         if not np.isfinite(value):
-            raise NonFiniteLoss(
-                f"the loss became {value} at optimizer update {optimizer_update(accelerator)}; "
-                "lower --learning_rate or use --mixed_precision bf16 instead of fp16, and resume "
-                "from the last checkpoint"
-            )
+            if skip is None:
+                raise NonFiniteLoss(
+                    f"the loss became {value} at optimizer update {optimizer_update(accelerator)}; "
+                    "lower --learning_rate or use --mixed_precision bf16 instead of fp16 and "
+                    "resume from the last checkpoint, or pass --skip_nonfinite_updates"
+                )
+            skip.poisoned = True
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             params = [p for p in model.parameters() if p.requires_grad]
-            accelerator.clip_grad_norm_(params, max_grad_norm)
+            norm = float(accelerator.clip_grad_norm_(params, max_grad_norm))
+            if skip is None and not np.isfinite(norm):
+                raise NonFiniteLoss(
+                    f"the gradient norm became {norm} at optimizer update "
+                    f"{optimizer_update(accelerator)}; lower --learning_rate and resume from the "
+                    "last checkpoint, or pass --skip_nonfinite_updates"
+                )
+            if skip is not None:
+                bad = _any_process(accelerator, skip.poisoned or not np.isfinite(norm))
+                skip.poisoned, skip.last_skipped = False, bad
+                if bad:
+                    skip.count += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    return value
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return value
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    """All processes skip together (a local loss can be inf with finite synced gradients)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, "sum").item() > 0)
 
 
 def optimizer_update(accelerator) -> int:
