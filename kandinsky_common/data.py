@@ -6,13 +6,15 @@ cache; `--train_data_dir` is an imagefolder with metadata.jsonl/metadata.csv for
 hub itself is never contacted: this project runs where it is unreachable, and an online attempt
 costs ~25 s of retries before failing anyway.
 
-Every problem a user can fix (missing folder, no images, wrong column, bad caption) is a UserError
-raised here, from cheap metadata and text-column scans; images are left undecoded until a batch
+Every problem a user can fix (missing folder, no images, wrong column, bad caption, a truncated or
+unreadable image) is a UserError raised here, from cheap metadata and text-column scans and a
+structural check of each image file (header and end marker); images are decoded only when a batch
 needs them (see kandinsky_common.preprocess).
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +35,11 @@ FILE_BUILDERS = {
 # How many path-valued image cells are checked for existence at load time; the rest are checked
 # when decoded (decode_image raises the same kind of error), so huge path lists load quickly.
 PATH_CHECK_LIMIT = 1000
+# How many images get the structural check (header parsed, format's end marker present) at load
+# time: ~0.2 ms each on a local disk. Beyond it, a damaged image is named when its batch is built.
+IMAGE_CHECK_LIMIT = 20_000
+# The bytes each format ends with; an interrupted download or copy cuts them off.
+_END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
 
 
 def _import_datasets():
@@ -83,7 +90,54 @@ def load_train_dataset(
         # In memory: the default writes an indices file next to the data, which for a
         # save_to_disk folder is the user's own directory. Same permutation either way.
         dataset = dataset.shuffle(seed=seed, keep_in_memory=True).select(range(count))
+    check_image_files(dataset, image_column)
     return dataset
+
+
+def check_image_files(dataset: datasets.Dataset, column: str, limit: int = IMAGE_CHECK_LIMIT):
+    """Name a truncated or unreadable image before anything is written, not mid-run.
+
+    Per image, PIL parses the header and the file must end with its format's end marker (JPEG,
+    PNG, GIF; WebP: the RIFF size must fit). Only an image failing that is decoded in full, so one
+    with harmless bytes after its end marker still passes. A full decode of every image would cost
+    a pass over the data (minutes for large sets); damage inside an otherwise whole file is found
+    when its batch is built, with the same message.
+    """
+    from kandinsky_common.preprocess import decode_image
+
+    kind = image_column_kind(dataset.features[column])
+    values = _arrow_column(dataset, column)
+    for row in range(min(len(values), limit)):
+        cell = values[row].as_py()
+        if kind == "path":
+            path, data = cell, None
+        elif kind == "bytes":
+            path, data = None, cell
+        else:
+            path, data = cell.get("path"), cell.get("bytes")
+        if not _looks_whole(path, data):
+            decode_image(cell, row)  # raises the UserError naming the file and the reason
+
+
+def _looks_whole(path: str | None, data: bytes | None) -> bool:
+    from PIL import Image
+
+    try:
+        f = io.BytesIO(data) if data is not None else open(os.path.expanduser(path), "rb")
+        with f:
+            with Image.open(f) as image:
+                fmt = image.format
+            size = f.seek(0, os.SEEK_END)
+            if fmt == "WEBP":
+                f.seek(4)
+                return size >= int.from_bytes(f.read(4), "little") + 8
+            marker = _END_MARKERS.get(fmt)
+            if marker is None:
+                return True  # no end marker to check: found when decoded, if damaged
+            f.seek(max(0, size - 64))
+            return f.read().rstrip(b"\0\r\n ").endswith(marker)
+    except Exception:  # unreadable, not an image, no path: decode_image says which
+        return False
 
 
 def _looks_like_hub_name(name: str) -> bool:

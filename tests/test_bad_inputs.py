@@ -131,10 +131,9 @@ def test_corrupt_image_names_the_file(capsys, base, sample_dataset, tmp_path):
     shutil.copytree(sample_dataset, data)
     victim = sorted(data.glob("*.jpg"))[0]
     victim.write_bytes(victim.read_bytes()[:300])  # truncated JPEG
-    # Found when the batch holding it is built (a full decode of every image up front would
-    # cost a pass over the data), so the run may have started; it stops with the file named.
+    # Found by the load-time check of each file's header and end marker, before anything runs.
     args = make(train_data_dir=data, max_train_steps=40, report_to="none")
-    _fails(capsys, "decoder", args, out, victim.name, clean=False)
+    _fails(capsys, "decoder", args, out, victim.name)
 
 
 def test_script_prints_one_line_and_exits_2(tmp_path):
