@@ -88,6 +88,31 @@ def read_state(path: str | Path) -> dict:
         raise UserError(f"checkpoint {path} is incomplete or damaged ({e}); pick another") from e
 
 
+def checkpoint_backend(path: str | Path) -> str | None:
+    """Which backend wrote checkpoint folder `path` (by layout), or None if neither's."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return "torch"
+    if (path / FLAX_META_ITEM).is_dir() or (path / FLAX_STATE_ITEM).is_dir():
+        return "flax"
+    return None
+
+
+def check_no_foreign_checkpoints(output_dir: str | Path, backend: str) -> None:
+    """Refuse an output_dir holding the other backend's checkpoints: 'latest' could pick one, and
+    a save of the same step would replace it."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):
+        other = checkpoint_backend(p) if _NAME.match(p.name) and p.is_dir() else None
+        if other is not None and other != backend:
+            raise UserError(
+                f"{root} holds checkpoints of the {other} backend ({p.name}); resume them with "
+                f"--backend {other}, or use another --output_dir"
+            )
+
+
 def newest_readable(output_dir: str | Path, backend: str = "torch") -> tuple[Path, dict] | None:
     """(path, state) of the newest complete checkpoint whose JSON state reads back, or None.
 

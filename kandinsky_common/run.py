@@ -155,6 +155,7 @@ def plan_run(
         max_train_samples=cfg.max_train_samples,
         seed=cfg.seed if cfg.seed is not None else 0,
     )
+    ck.check_no_foreign_checkpoints(cfg.output_dir, backend)
     resume = ck.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint, backend=backend)
     if resume is not None and resumed_state is None and cfg.resume_from_checkpoint == "latest":
         # Checks below need a readable state: a damaged newest one is passed over (the backend's
