@@ -270,11 +270,5 @@ def _validate_flax(cfg: TrainConfig) -> None:
             "--enable_xformers_memory_efficient_attention is CUDA/PyTorch only; the flax "
             "backend's attention is compiled by XLA"
         )
-    if cfg.validation_prompts:
-        raise UserError(
-            "--validation_prompts needs JAX sampling, not in the flax backend yet; train with "
-            "--backend torch for validation images, or generate afterwards with "
-            "scripts/generate.py"
-        )
     if (cfg.num_processes is None) != (cfg.process_id is None):
         raise UserError("--num_processes and --process_id go together (with --coordinator_address)")

@@ -54,6 +54,16 @@ class RunPlan:
     def end_of_epoch(self, micro: int) -> bool:
         return self.position(micro)[1] == self.sampler.steps_per_epoch - 1
 
+    def validation_due(self, cfg: TrainConfig, micros: range) -> bool:
+        """Whether an epoch whose number is a multiple of --validation_epochs ends in `micros`
+        (the reference validates after epoch 0, validation_epochs, ...)."""
+        if not cfg.validation_prompts:
+            return False
+        return any(
+            self.end_of_epoch(m) and self.position(m)[0] % cfg.validation_epochs == 0
+            for m in micros
+        )
+
     def batch(self, micro: int) -> dict[str, np.ndarray]:
         """This process's numpy batch of micro-step `micro`: a pure function of the position
         (preprocessed examples, or their cached encoder outputs)."""

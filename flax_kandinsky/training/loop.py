@@ -19,6 +19,7 @@ from flax_kandinsky.checkpoint import CheckpointStore
 from flax_kandinsky.stages import DecoderStage, PriorStage
 from flax_kandinsky.training.optim import make_optimizer
 from flax_kandinsky.training.step import encode_frozen, init_state, make_train_step, split_stage
+from flax_kandinsky.validation import Validator
 from kandinsky_common import noise as noise_stream
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
@@ -214,6 +215,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         bar.set_postfix(step_loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
 
     preempted = False
+    validate = Validator(cfg, stage_name)
     source = Prefetcher(host_batches(plan, stage, global_step, shape), depth=2)
     try:
         with PreemptionGuard() as guard:
@@ -236,6 +238,10 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                 if stop:
                     preempted = True
                     break
+                if plan.validation_due(cfg, range(update * plan.accum, global_step * plan.accum)):
+                    weights = _gather_to_host(state["ema"] if cfg.use_ema else state["params"])
+                    if main:
+                        validate(weights, global_step, tracker)
             if pending is not None:
                 finish(*pending)
     finally:
@@ -261,6 +267,8 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         model = stage.model
         nnx.update(model, final)
         stage.export(model, out)
+        if cfg.validation_prompts:
+            validate(final, global_step, tracker)
         summary.update(
             loss_first=losses[0] if losses else None,
             loss_last=losses[-1] if losses else None,

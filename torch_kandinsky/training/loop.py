@@ -230,12 +230,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                 if stop:  # preemption: the checkpoint is saved, the job ends cleanly
                     preempted = True
                     break
-            epoch = plan.position(m)[0]
-            if (
-                plan.end_of_epoch(m)
-                and cfg.validation_prompts
-                and epoch % cfg.validation_epochs == 0
-            ):
+            if plan.validation_due(cfg, range(m, m + 1)):
                 _validate(accelerator, cfg, stage, model, ema, global_step)
     finally:
         guard.__exit__(None, None, None)

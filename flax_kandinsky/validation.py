@@ -1,0 +1,47 @@
+"""Validation images during flax training: the JAX pipelines with the weights being trained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from flax_kandinsky.sampling import Sampler
+from kandinsky_common.images import save_grid
+
+
+class Validator:
+    """Builds the sampler once (first use) and renders `prompts` with the current weights.
+
+    Parameters:
+        cfg: the run's TrainConfig (prompts, resolution, validation steps, seed, folders).
+        stage_name: "prior" or "decoder": which network the given params replace.
+    """
+
+    def __init__(self, cfg, stage_name: str):
+        self.cfg, self.stage_name = cfg, stage_name
+        self._sampler = None
+
+    def __call__(self, params, step: int, tracker=None) -> Path:
+        cfg = self.cfg
+        if self._sampler is None:
+            dtype = jnp.bfloat16 if cfg.mixed_precision == "bf16" else None
+            self._sampler = Sampler.from_folders(
+                cfg.pretrained_prior_model_name_or_path,
+                cfg.pretrained_decoder_model_name_or_path,
+                dtype=dtype,
+            )
+        override = {"prior_params" if self.stage_name == "prior" else "unet_params": params}
+        images = self._sampler.generate(
+            cfg.validation_prompts,
+            height=cfg.resolution,
+            width=cfg.resolution,
+            decoder_steps=cfg.validation_steps,
+            seed=cfg.seed or 0,
+            **override,
+        )
+        path = save_grid(images, Path(cfg.output_dir) / "validation" / f"step-{step:06d}.png")
+        if tracker is not None:
+            tracker.images("validation", images, step)
+        print(f"validation images: {path}")
+        return path
