@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fine-tune the Kandinsky 2.2 decoder with diffusers' flags for this script, plus --backend.
 
-    python scripts/train_text_to_image_decoder.py --help
+python scripts/train_text_to_image_decoder.py --help
 """
 
 import sys
