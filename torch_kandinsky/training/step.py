@@ -75,14 +75,16 @@ def train_step(
         if accelerator.sync_gradients:
             params = [p for p in model.parameters() if p.requires_grad]
             norm = float(accelerator.clip_grad_norm_(params, max_grad_norm))
-            if skip is None and not np.isfinite(norm):
+            # fp16: inf gradients are the loss scaler's to skip (and to rescale), not an error.
+            finite = accelerator.scaler is not None or np.isfinite(norm)
+            if skip is None and not finite:
                 raise NonFiniteLoss(
                     f"the gradient norm became {norm} at optimizer update "
                     f"{optimizer_update(accelerator)}; lower --learning_rate and resume from the "
                     "last checkpoint, or pass --skip_nonfinite_updates"
                 )
             if skip is not None:
-                bad = _any_process(accelerator, skip.poisoned or not np.isfinite(norm))
+                bad = _any_process(accelerator, skip.poisoned or not finite)
                 skip.poisoned, skip.last_skipped = False, bad
                 if bad:
                     skip.count += 1
