@@ -207,8 +207,17 @@ def _drop_aborted_read_reports() -> None:
 
 def _names_and_leaves(abstract_state: Any) -> dict[str, Any]:
     """orbax's storage name of every leaf ('params.unet.conv.kernel', 'opt.0.mu...')."""
-    names = jax.tree.leaves(ocp.tree.get_param_names(abstract_state))
-    return dict(zip(names, jax.tree.leaves(abstract_state)))
+
+    # Built from the leaf paths, not ocp.tree.get_param_names: that one also names empty nodes
+    # (optax's EmptyState), which would shift a zip against the leaves.
+    def part(k):
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
+    return {".".join(part(k) for k in path): leaf for path, leaf in flat}
 
 
 def _listing(names, limit: int = 3) -> str:
