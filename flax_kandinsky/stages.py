@@ -1,8 +1,8 @@
 """What the prior and the decoder stage differ in (DESIGN.md, the stage table), and nothing else.
 
 Mirrors torch_kandinsky/stages.py. A Stage loads its frozen encoders and its trainable network
-from diffusers folders with our Flax ports; `encode`, `x0` and `predict` are pure functions of the
-modules they are given, so the train step can call them under jit on merged `nnx` state.
+with our Flax ports, out of diffusers folders; `encode`, `x0` and `predict` are pure functions of
+the modules they are given, so the train step can call them under jit on merged `nnx` state.
 Numpy batches and the noise stream use the reference layout (NCHW); images become NHWC here.
 """
 
