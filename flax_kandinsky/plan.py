@@ -14,12 +14,16 @@ holds no encoder at all).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import json
 import math
+import multiprocessing
 import os
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +71,7 @@ class PlanSpec:
     resolution: int = 768  # decoder pixels (the prior's inputs are fixed)
     feeding: str = "step"
     precision: str = "bf16"  # compute dtype; params and optimizer state stay fp32
-    remat: bool = True
+    remat: bool | str = True  # gradient_checkpointing: False, True or a UNet policy ("full")
     attention: str = "chunked"
     use_ema: bool = True
     size: str = "real"  # model_configs size; "tiny" keeps tests fast
@@ -319,11 +323,53 @@ def compile_step(spec: PlanSpec) -> dict:
         },
         "hbm_fraction": total / HBM_BYTES,
         "hlo_flops": float(cost["flops"]),
+        "hbm_bytes_accessed": float(cost.get("bytes accessed", 0.0)),
         "est_seconds": float(cost["optimal_seconds"]),
         "collective_bytes": comm,
         "ici_seconds": sum(comm.values()) / ICI_BYTES_PER_S,
         "compile_seconds": round(seconds, 1),
     }
+
+
+def _in_fresh_process(fn, spec: PlanSpec):
+    """fn(spec) in a new process: a real-size compile takes 12-18 GB of host memory, which a
+    long-lived process would keep and fragment from one compile to the next."""
+    # Fewer glibc arenas: the compiler's many threads otherwise inflate the peak (~15% measured).
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            return pool.submit(fn, spec).result()
+    except concurrent.futures.process.BrokenProcessPool as e:
+        raise UserError(
+            "the compiling process died (out of host memory?); free memory and rerun: finished "
+            "compiles are kept"
+        ) from e
+
+
+class Memo:
+    """Finished compiles, one JSON line each, so an interrupted plan resumes where it stopped
+    (real-size compiles take minutes). Keyed by the spec: delete the file after model changes.
+    `isolate` runs each compile and flop count in a process of its own."""
+
+    def __init__(self, path: str | os.PathLike | None = None, isolate: bool = False):
+        self.path = None if path is None else Path(path)
+        self.isolate = isolate
+        self.done: dict[str, object] = {}
+        if self.path is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                rec = json.loads(line)
+                self.done[rec["key"]] = rec["value"]
+
+    def __call__(self, fn, spec: PlanSpec):
+        key = f"{fn.__name__} {json.dumps(dataclasses.asdict(spec), sort_keys=True)}"
+        if key not in self.done:
+            self.done[key] = _in_fresh_process(fn, spec) if self.isolate else fn(spec)
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self.path.open("a") as f:
+                    f.write(json.dumps({"key": key, "value": self.done[key]}) + "\n")
+        return self.done[key]
 
 
 def with_rates(result: dict, flops: float) -> dict:
@@ -340,7 +386,7 @@ def with_rates(result: dict, flops: float) -> dict:
 
 
 def max_batch(
-    spec: PlanSpec, first: dict, limit: int, hint: int | None = None, log=print
+    spec: PlanSpec, first: dict, limit: int, hint: int | None = None, log=print, memo=None
 ) -> tuple[int, list[dict]]:
     """Largest per-core batch <= limit that fits, from `first` (spec's own compile).
 
@@ -352,7 +398,7 @@ def max_batch(
 
     def fits(b: int) -> bool:
         if b not in tried:
-            r = compile_step(dataclasses.replace(spec, batch_per_core=b))
+            r = (memo or Memo())(compile_step, dataclasses.replace(spec, batch_per_core=b))
             tried[b] = r
             log(f"  batch {b}/core: " + (_gib(r) if "bytes" in r else "out of memory"))
         return tried[b]["fits"]
@@ -390,17 +436,20 @@ def _gib(r: dict) -> str:
     return f"{r['bytes']['total'] / GIB:.2f} GiB" + ("" if r["fits"] else " (over)")
 
 
-def plan(spec: PlanSpec, *, search_limit: int = 0, hint: int | None = None, log=print) -> dict:
+def plan(
+    spec: PlanSpec, *, search_limit: int = 0, hint: int | None = None, log=print, memo=None
+) -> dict:
     """Compile `spec`, add model flops and MFU, and (search_limit > 0) the largest per-core
     batch that fits, searched up to search_limit, with its own rates."""
+    memo = memo or Memo()
     log(f"{spec.stage} {spec.slice} feeding={spec.feeding} batch {spec.batch_per_core}/core")
-    result = compile_step(spec)
+    result = memo(compile_step, spec)
     if "bytes" in result:
         log(f"  compiled in {result['compile_seconds']} s: {_gib(result)}")
-        result = with_rates(result, model_flops(spec))
+        result = with_rates(result, memo(model_flops, spec))
     out = {"spec": dataclasses.asdict(spec), "result": result}
     if search_limit:
-        best, tried = max_batch(spec, result, search_limit, hint, log)
+        best, tried = max_batch(spec, result, search_limit, hint, log, memo)
         out["max_batch_per_core"] = best
         out["search_limit"] = search_limit
         out["search"] = [
@@ -412,19 +461,23 @@ def plan(spec: PlanSpec, *, search_limit: int = 0, hint: int | None = None, log=
         at_best = next((r for r in tried if r["batch_per_core"] == best), None)
         if at_best is not None and best != spec.batch_per_core:
             at = dataclasses.replace(spec, batch_per_core=best)
-            out["at_max_batch"] = with_rates(at_best, model_flops(at))
+            out["at_max_batch"] = with_rates(at_best, memo(model_flops, at))
         elif best == spec.batch_per_core:
             out["at_max_batch"] = result
     return out
 
 
-def run_plans(specs: list[PlanSpec], limits: dict[str, int], log=print) -> list[dict]:
+def run_plans(
+    specs: list[PlanSpec], limits: dict[str, int], log=print, memo_path=None, isolate=False
+) -> list[dict]:
     """Plan every spec; a stage's batch edge on one slice is the search hint on the next."""
+    memo = Memo(memo_path, isolate)
     edges: dict[tuple, int] = {}
     plans = []
     for spec in specs:
         key = (spec.stage, spec.feeding)
-        entry = plan(spec, search_limit=limits.get(spec.stage, 0), hint=edges.get(key), log=log)
+        limit = limits.get(spec.stage, 0)
+        entry = plan(spec, search_limit=limit, hint=edges.get(key), log=log, memo=memo)
         if "max_batch_per_core" in entry:
             edges[key] = entry["max_batch_per_core"]
         plans.append(entry)
@@ -466,3 +519,15 @@ def table(plans: list[dict]) -> str:
             f"{best_s} |"
         )
     return "\n".join(rows)
+
+
+def write_results(plans: list[dict], out_dir: str | os.PathLike) -> str:
+    """<out_dir>/<slice>.json per slice and <out_dir>/table.md; returns the table."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in dict.fromkeys(p["spec"]["slice"] for p in plans):
+        mine = [p for p in plans if p["spec"]["slice"] == name]
+        (out / f"{name}.json").write_text(json.dumps({"plans": mine}, indent=1) + "\n")
+    text = table(plans)
+    (out / "table.md").write_text(text + "\n")
+    return text

@@ -6,31 +6,27 @@ per-core memory, flops, estimated step time and MFU, and the largest per-core ba
     python scripts/tpu_plan.py --search --output_dir plans      # both stages, v3-8 and v3-32
 
 Writes <output_dir>/<slice>.json per slice and <output_dir>/table.md. Each real-size compile takes
-minutes on a CPU; --search adds a few compiles per row (see flax_kandinsky/plan.py).
+minutes on a CPU; --search adds a few compiles per row (see flax_kandinsky/plan.py). Finished
+compiles are kept in <output_dir>/compiles.jsonl: a rerun resumes (delete it after model changes).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from kandinsky_common.errors import UserError, run_cli
+
+REMAT = {"on": True, "off": False, "full": "full"}  # on = the models' gradient checkpointing
 
 
 def per_stage(text: str, cast) -> dict:
     """'prior=8,decoder=1' -> {'prior': 8, 'decoder': 1}."""
     try:
         return {k: cast(v) for k, v in (part.split("=") for part in text.split(","))}
-    except ValueError as e:
+    except (ValueError, KeyError) as e:
         raise UserError(f"{text!r}: write it as 'prior=VALUE,decoder=VALUE'") from e
-
-
-def on_off(v: str) -> bool:
-    if v not in ("on", "off"):
-        raise ValueError(v)
-    return v == "on"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slices", default="v3-8,v3-32", help="v3-8, v3-32 or libtpu names (v3:2x2)")
     p.add_argument("--feedings", default="step,cache", help="encoders in the step / from cache")
     p.add_argument("--batch_per_core", default="prior=8,decoder=1")
-    p.add_argument("--remat", default="prior=off,decoder=on", help="gradient checkpointing")
+    p.add_argument(
+        "--remat", default="prior=off,decoder=on", help="on (UNet: keep convs), full, off"
+    )
     p.add_argument("--mesh_shape", default="fsdp=8", help="data=-1 fills the rest of the slice")
     p.add_argument("--resolution", type=int, default=768, help="decoder training resolution")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
@@ -49,40 +47,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--search_limit", default="prior=512,decoder=64")
     p.add_argument("--size", default="real", help="model_configs size (tiny: a quick check)")
     p.add_argument("--output_dir", default="plans")
+    p.add_argument("--in_process", action="store_true", help="no process per compile (tiny)")
 
     def run(args):
-        from flax_kandinsky.plan import PlanSpec, run_plans, table
+        from flax_kandinsky.plan import PlanSpec, run_plans, write_results
 
         a = p.parse_args(args)
-        batch, remat = per_stage(a.batch_per_core, int), per_stage(a.remat, on_off)
-        limits = per_stage(a.search_limit, int) if a.search else {}
+        batch, remat = per_stage(a.batch_per_core, int), per_stage(a.remat, REMAT.__getitem__)
+        common = dict(mesh_shape=a.mesh_shape, resolution=a.resolution, precision=a.precision)
+        common.update(attention=a.attention, use_ema=not a.no_ema, size=a.size)
         specs = [
             PlanSpec(
                 stage,
                 slice_,
-                a.mesh_shape,
-                batch[stage],
-                a.resolution,
-                feeding,
-                a.precision,
-                remat[stage],
-                a.attention,
-                not a.no_ema,
-                a.size,
-            )  # fmt: skip
+                batch_per_core=batch[stage],
+                feeding=feeding,
+                remat=remat[stage],
+                **common,
+            )
             for slice_ in a.slices.split(",")
             for stage in a.stages.split(",")
             for feeding in a.feedings.split(",")
         ]
-        plans = run_plans(specs, limits)
+        limits = per_stage(a.search_limit, int) if a.search else {}
         out = Path(a.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for slice_ in a.slices.split(","):
-            mine = [x for x in plans if x["spec"]["slice"] == slice_]
-            (out / f"{slice_}.json").write_text(json.dumps({"plans": mine}, indent=1) + "\n")
-        text = table(plans)
-        (out / "table.md").write_text(text + "\n")
-        print(text)
+        plans = run_plans(specs, limits, memo_path=out / "compiles.jsonl", isolate=not a.in_process)
+        print(write_results(plans, out))
         return 0
 
     return run_cli(run, argv)

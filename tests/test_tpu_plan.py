@@ -153,7 +153,7 @@ def test_plan_compiles_tiny_prior_for_v3_8(tmp_path):
     code = main(
         [
             "--size", "tiny", "--stages", "prior", "--slices", "v3-8", "--feedings", "cache",
-            "--batch_per_core", "prior=4", "--output_dir", str(tmp_path),
+            "--batch_per_core", "prior=4", "--output_dir", str(tmp_path), "--in_process",
         ]
     )  # fmt: skip
     assert code == 0
@@ -172,3 +172,30 @@ def test_plan_cli_flag_errors(capsys):
 
     assert main(["--batch_per_core", "prior:8"]) == 2
     assert "prior=VALUE" in capsys.readouterr().err
+
+
+def test_unet_remat_policies_keep_convs_or_recompute_them():
+    """True (the "convs" policy) keeps conv outputs: the backward pass recomputes no conv, as
+    without remat; "full" recomputes every one (tests/test_flax_unet_movq.py checks values)."""
+    from flax_kandinsky.models.unet import UNet2DConditionModel
+    from flax_kandinsky.pretrained import build_abstract
+
+    cfg = get_configs("tiny")["unet"]
+    x, e = (
+        jax.ShapeDtypeStruct((1, 8, 8, 4), jnp.float32),
+        jax.ShapeDtypeStruct((1, 32), jnp.float32),
+    )
+
+    def convolutions(remat) -> int:
+        model = build_abstract(
+            lambda rngs: UNet2DConditionModel(cfg, gradient_checkpointing=remat, rngs=rngs)
+        )
+        gd, state = nnx.split(model)
+
+        def loss(st, x, e):
+            return jnp.sum(nnx.merge(gd, st)(x, jnp.array([10]), e) ** 2)
+
+        return jax.jit(jax.grad(loss)).lower(state, x, e).as_text().count("convolution")
+
+    plain, convs, full = (convolutions(r) for r in (False, True, "full"))
+    assert convs == plain < full

@@ -97,9 +97,10 @@ ATTENTION_IMPLS = ("dot", "chunked")
 # Query rows per block of the chunked kernel: the UNet's 48x48 level (2304 tokens) runs in 3
 # blocks, MoVQ's 96x96 level (9216 tokens at 768 px) in 9.
 QUERY_CHUNK = 1024
-# Keys per block: beyond this the kernel also splits keys (online softmax); no K2.2 network at
-# 768 px attends over more than MoVQ's 9216 tokens, so it splits keys there only.
-KEY_CHUNK = 4096
+# Keys per block: beyond this the kernel also splits keys (online softmax). At 768 px no K2.2
+# network attends over more than MoVQ's 9216 tokens: a query block's logits stay small
+# (1024 x 9216 fp32 per head and sample), so only far longer sequences need key blocks.
+KEY_CHUNK = 16384
 
 
 def attention(
