@@ -385,14 +385,34 @@ def with_rates(result: dict, flops: float) -> dict:
     }
 
 
+def _next_batch(tried: dict, lo: int, hi: int, limit: int) -> int:
+    """Where the per-core memory line crosses 16 GiB, from the compiles nearest the edge:
+    between the largest fit and the smallest misfit, or past the two largest fits."""
+
+    def total(b):
+        return tried[b].get("bytes", {}).get("total")
+
+    fits = sorted(b for b, r in tried.items() if r["fits"] and "bytes" in r)
+    if hi <= limit and lo > 0 and total(hi) is not None:
+        (b0, m0), (b1, m1) = (lo, total(lo)), (hi, total(hi))
+    elif hi > limit and len(fits) >= 2:
+        (b0, m0), (b1, m1) = (fits[-2], total(fits[-2])), (fits[-1], total(fits[-1]))
+    else:  # nothing to draw a line through: bisect, or double while nothing failed
+        return (lo + hi) // 2 if hi <= limit else min(2 * lo, limit)
+    slope = max((m1 - m0) / (b1 - b0), 1.0)
+    guess = b0 + int((HBM_BYTES - m0) / slope)
+    return min(max(guess, lo + 1), hi - 1, limit)
+
+
 def max_batch(
     spec: PlanSpec, first: dict, limit: int, hint: int | None = None, log=print, memo=None
 ) -> tuple[int, list[dict]]:
     """Largest per-core batch <= limit that fits, from `first` (spec's own compile).
 
-    Memory grows about linearly in the batch: two fitting compiles predict the edge, one or two
-    more confirm it, bisection settles the rest. `hint` (the edge found on another slice with the
-    same per-core state) is tried first. Returns (batch, every compile's result, by batch).
+    Memory grows about linearly in the batch, so each next compile is where the line through
+    the compiles nearest the edge crosses 16 GiB, and its neighbour on the far side settles the
+    edge; `hint` (the edge found on another slice with the same per-core state) is tried first.
+    Returns (batch, every compile's result, by batch).
     """
     tried = {first["batch_per_core"]: first}
 
@@ -408,27 +428,16 @@ def max_batch(
         hi = min((b for b, r in tried.items() if not r["fits"] and b > lo), default=limit + 1)
         return lo, hi
 
-    if hint:
-        for b in (hint, hint + 1):
-            if b <= limit and not fits(b):
-                break
     lo, hi = bracket()
-    if hi > limit and 0 < lo < limit:  # no failure seen yet: grow towards the predicted edge
-        if len([b for b, r in tried.items() if r["fits"]]) < 2:
-            fits(min(2 * lo, limit))
-            lo, hi = bracket()
-        points = sorted((b, r["bytes"]["total"]) for b, r in tried.items() if r["fits"])
-        if hi > limit and len(points) >= 2 and lo < limit:
-            (b0, m0), (b1, m1) = points[-2:]
-            slope = max((m1 - m0) / (b1 - b0), 1.0)
-            guess = min(limit, b1 + int((HBM_BYTES - m1) / slope))
-            if guess > lo and fits(guess) and guess < limit:
-                fits(guess + 1)
-    lo, hi = bracket()
+    guess = hint if hint and lo < hint < hi else _next_batch(tried, lo, hi, limit)
     while hi - lo > 1:
-        mid = (lo + hi) // 2 if hi <= limit else min(2 * lo, limit)
-        fits(mid)
+        if fits(guess):
+            if guess + 1 < hi:
+                fits(guess + 1)
+        elif guess - 1 > lo:
+            fits(guess - 1)
         lo, hi = bracket()
+        guess = _next_batch(tried, lo, hi, limit)
     return lo, [tried[b] for b in sorted(tried)]
 
 
