@@ -122,11 +122,23 @@ def attention(
     if impl != "dot":
         raise UserError(f"attention {impl!r} is not supported; use one of {ATTENTION_IMPLS}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    # Heads move next to the batch before the dots and back after: with the transposes fused
+    # into the dots instead, XLA:CPU left them off its matmul kernels (3x slower forward).
+    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # (B, H, L, D)
+    # Scaling q, not the logits: XLA:CPU fed the logits' scale to its matmul fusion as a
+    # materialised (B, H, Lq, Lk) broadcast.
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+    logits = logits.astype(jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    # Normalise after the PV product, over D columns instead of Lk: the (B, H, Lq, Lk) tensor
+    # is read and written fewer times in both passes (2-3x faster on XLA:CPU with short heads).
+    # The max only shifts the exponent: the result does not depend on it, so no gradient.
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    e = jnp.exp(logits - top)
+    out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out / jnp.sum(e, axis=-1, keepdims=True)
+    return jnp.swapaxes(out.astype(q.dtype), 1, 2)  # (B, Lq, H, D)
 
 
 def _spans(n: int, chunk: int) -> list[tuple[int, int]]:
