@@ -153,8 +153,11 @@ def _disk_full(e: BaseException, folder: Path) -> bool:
         return False
 
 
-def write_failed(path: str | Path, error: BaseException, backend: str = "torch") -> UserError:
-    """One line for a checkpoint that could not be written: why, and what is still safe."""
+def write_failed(
+    path: str | Path, error: BaseException, backend: str = "torch", what: str | None = None
+) -> UserError:
+    """One line for a checkpoint (or, `what`, the final export) that could not be written: why,
+    and what is still safe."""
     path = Path(path)
     root = path.parent
     if _disk_full(error, root):
@@ -169,7 +172,7 @@ def write_failed(path: str | Path, error: BaseException, backend: str = "torch")
         else "no checkpoint was completed yet"
     )
     return UserError(
-        f"writing {path.name} in {root} failed ({reason}); {kept}: free space, then rerun "
+        f"writing {what or path.name} in {root} failed ({reason}); {kept}: free space, then rerun "
         "with --resume_from_checkpoint latest"
     )
 

@@ -9,6 +9,7 @@ that starts training: it must end the same way and leave no half checkpoint as "
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -342,3 +343,45 @@ def test_disk_full_during_a_checkpoint(backend, small_disk, tiny_folders, sample
     assert f"{latest.name} is the newest complete checkpoint" in error, error
     left = [p.name for p in out.iterdir() if not re.fullmatch(r"checkpoint-\d+", p.name)]
     assert not left, f"a half-written checkpoint was left: {left}"
+
+
+def _full_disk_export(real):
+    """An export that writes part of the folder, then finds the disk full (as a real one would:
+    the final export copies the frozen encoders, the biggest write of a run)."""
+
+    def export(*args):
+        out = Path(args[-1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model_index.json").write_text("{}")
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "prior"))
+
+    return export
+
+
+@pytest.mark.parametrize("backend", BOTH)
+def test_disk_full_during_the_final_export(
+    backend, tiny_folders, sample_dataset, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    flags = dict(backend=backend, train_batch_size=1, report_to="none", max_train_steps=2)
+    if backend == "flax":
+        flags["mesh_shape"] = "data=1"
+    args = train_args(*tiny_folders, sample_dataset, out, **flags)
+    if backend == "flax":
+        from flax_kandinsky.stages import PriorStage
+
+        monkeypatch.setattr(PriorStage, "export", _full_disk_export(PriorStage.export))
+    else:
+        from torch_kandinsky.training import loop
+
+        monkeypatch.setattr(loop, "export_pipeline", _full_disk_export(loop.export_pipeline))
+    error = _fails(capsys, "prior", args)
+    assert "writing the final pipeline folder" in error and "no space left" in error, error
+    assert "checkpoint-2 is the newest complete checkpoint" in error, error
+    assert not (out / "train_summary.json").exists()
+    monkeypatch.undo()
+    # Space freed: resuming trains nothing and writes the export.
+    assert main("prior", [*args, "--resume_from_checkpoint", "latest"]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["updates"] == 2
+    assert (out / "prior" / "config.json").exists()

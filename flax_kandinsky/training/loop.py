@@ -21,6 +21,7 @@ from flax_kandinsky.training.optim import make_optimizer
 from flax_kandinsky.training.step import encode_frozen, init_state, make_train_step, split_stage
 from flax_kandinsky.validation import Validator
 from kandinsky_common import noise as noise_stream
+from kandinsky_common.checkpoints import write_failed
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
 from kandinsky_common.folders import write_json
@@ -266,7 +267,10 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
     if main:
         model = stage.model
         nnx.update(model, final)
-        stage.export(model, out)
+        try:
+            stage.export(model, out)
+        except OSError as e:  # the last checkpoint is complete: a resumed run only exports
+            raise write_failed(out / "export", e, "flax", what="the final pipeline folder") from e
         if cfg.validation_prompts:
             validate(final, global_step, tracker)
         summary.update(

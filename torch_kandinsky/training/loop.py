@@ -14,6 +14,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
+from kandinsky_common import checkpoints as ckpt_files
 from kandinsky_common import noise as noise_stream
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
@@ -254,7 +255,11 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         final = accelerator.unwrap_model(model)
         if ema is not None:
             ema.copy_to(final.parameters())
-        export_pipeline(stage, final, cfg.output_dir)
+        try:
+            export_pipeline(stage, final, cfg.output_dir)
+        except OSError as e:  # the last checkpoint is complete: a resumed run only exports
+            out = Path(cfg.output_dir) / "export"
+            raise ckpt_files.write_failed(out, e, "torch", what="the final pipeline folder") from e
         if cfg.validation_prompts:
             _validate(accelerator, cfg, stage, model, None, global_step)
         elapsed = time.perf_counter() - t0
