@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in_process", action="store_true", help="no process per compile (tiny)")
 
     def run(args):
-        from flax_kandinsky.plan import PlanSpec, run_plans, write_results
+        from flax_kandinsky.plan import PlanSpec
+        from flax_kandinsky.plan_search import run_plans, write_results
 
         a = p.parse_args(args)
         batch, remat = per_stage(a.batch_per_core, int), per_stage(a.remat, REMAT.__getitem__)

@@ -205,21 +205,23 @@ def test_unet_remat_policies_keep_convs_or_recompute_them():
 def test_max_batch_finds_the_edge_in_few_compiles(monkeypatch, hint):
     """A memory curve that bends (XLA's choices change with the batch): the search still lands
     on the exact edge, and in a handful of compiles (each takes minutes at real size)."""
-    from flax_kandinsky import plan
+    from flax_kandinsky import plan, plan_search
 
     def fake_compile(spec):
         b = spec.batch_per_core
         total = int((2.0 + 0.3 * b + 0.002 * b * b) * plan.GIB)
         return {"batch_per_core": b, "fits": total <= plan.HBM_BYTES, "bytes": {"total": total}}
 
-    monkeypatch.setattr(plan, "compile_step", fake_compile)
+    monkeypatch.setattr(plan_search, "compile_step", fake_compile)
     edge = max(
         b for b in range(1, 100) if fake_compile(plan.PlanSpec("prior", batch_per_core=b))["fits"]
     )
     first = fake_compile(plan.PlanSpec("prior", batch_per_core=8))
-    best, tried = plan.max_batch(
+    best, tried = plan_search.max_batch(
         plan.PlanSpec("prior", batch_per_core=8), first, 512, hint, log=str
     )
     assert best == edge and len(tried) <= 6
-    best, _ = plan.max_batch(plan.PlanSpec("prior", batch_per_core=8), first, 20, hint, log=str)
+    best, _ = plan_search.max_batch(
+        plan.PlanSpec("prior", batch_per_core=8), first, 20, hint, log=str
+    )
     assert best == 20  # the limit caps the search
