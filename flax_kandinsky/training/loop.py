@@ -83,6 +83,14 @@ def host_batches(plan: RunPlan, stage, first_update: int, shape: tuple[int, ...]
         yield update, batch, noise, timesteps
 
 
+def device_batches(mesh, batches):
+    """Host batches -> global jax.Arrays. Run on the prefetch thread, so the host-to-device copy of
+    the next update's batch overlaps the current step instead of preceding the next dispatch."""
+    for update, batch, noise, timesteps in batches:
+        g_noise, g_t = sh.global_batch(mesh, {"n": noise, "t": timesteps}).values()
+        yield update, sh.global_batch(mesh, batch, leading=1), g_noise, g_t
+
+
 def _agreed(requested: bool) -> bool:
     """Every process stops at the same update if any of them was asked to (a SIGTERM reaches
     the hosts of a pod at slightly different times)."""
@@ -217,12 +225,10 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
 
     preempted = False
     validate = Validator(cfg, stage_name)
-    source = Prefetcher(host_batches(plan, stage, global_step, shape), depth=2)
+    source = Prefetcher(device_batches(mesh, host_batches(plan, stage, global_step, shape)), 2)
     try:
         with PreemptionGuard() as guard:
-            for update, batch, noise, timesteps in source:
-                g_batch = sh.global_batch(mesh, batch, leading=1)
-                g_noise, g_t = sh.global_batch(mesh, {"n": noise, "t": timesteps}).values()
+            for update, g_batch, g_noise, g_t in source:
                 state, metrics = step.fn(state, consts, g_batch, g_noise, g_t)
                 global_step = update + 1
                 samples += plan.accum * plan.sampler.global_batch
