@@ -68,7 +68,7 @@ class PlanSpec:
     feeding: str = "step"
     precision: str = "bf16"  # compute dtype; params and optimizer state stay fp32
     remat: bool | str = True  # gradient_checkpointing: False, True or a UNet policy ("full")
-    attention: str = "chunked"
+    attention: str = "dot"  # or "chunked", as training's --attention
     use_ema: bool = True
     size: str = "real"  # model_configs size; "tiny" keeps tests fast
 

@@ -41,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mesh_shape", default="fsdp=8", help="data=-1 fills the rest of the slice")
     p.add_argument("--resolution", type=int, default=768, help="decoder training resolution")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
-    p.add_argument("--attention", default="chunked", choices=("dot", "chunked"))
+    p.add_argument(
+        "--attention",
+        default="dot",
+        choices=("dot", "chunked"),
+        help="as training's --attention (chunked: more host memory to compile the decoder step)",
+    )
     p.add_argument("--no_ema", action="store_true", help="plan without the EMA copy")
     p.add_argument("--search", action="store_true", help="find the largest per-core batch")
     p.add_argument("--search_limit", default="prior=512,decoder=64")
