@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,46 @@ def test_torchrun_two_processes(tiny_folders, sample_dataset, tmp_path):
         sub = "prior" if stage == "prior" else "unet"
         assert (out / sub / "diffusion_pytorch_model.safetensors").is_file()
         assert Path(out / "checkpoint-2" / "training_state.json").is_file()
+
+
+def test_torchrun_nonfinite_loss_on_one_process_stops_both(tiny_folders, sample_dataset, tmp_path):
+    """A NaN in one row of the encode-once cache: only the process that draws it sees a
+    non-finite loss. Both processes stop at that update with the error line (none is left waiting
+    in the gradient all-reduce), and no checkpoint after the last good update is written."""
+    import subprocess
+    import sys
+
+    from kandinsky_common import checkpoints as ck
+    from kandinsky_common.cli import main
+    from tests.helpers import ROOT, script_env
+
+    prior, decoder = tiny_folders
+    cache = tmp_path / "cache"
+    flags = dict(report_to="none", backend="torch", embeddings_cache=cache, train_batch_size=1)
+    fill = train_args(prior, decoder, sample_dataset, tmp_path / "fill", max_train_steps=1, **flags)
+    assert main("prior", fill) == 0
+    embeds = np.load(cache / "image_embeds.npy", mmap_mode="r+")
+    embeds[len(embeds) // 2] = np.nan
+    embeds.flush()
+    del embeds
+
+    out = tmp_path / "out"
+    args = train_args(
+        prior, decoder, sample_dataset, out, max_train_steps=16, checkpointing_steps=1, **flags
+    )  # 16 updates x 2 processes x batch 1: every one of the 32 rows once
+    env = {**script_env(), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", "29534", str(ROOT / "scripts" / "train_text_to_image_prior.py")]
+    proc = subprocess.run(
+        cmd + args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+    )
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert proc.returncode != 0 and errors, proc.stderr[-3000:]
+    # torchrun ends the other process once one exits 2, and prints its own ChildFailedError
+    # traceback; none may come from this project's code (a gloo error in the all-reduce, say).
+    ours = [x for x in proc.stderr.splitlines() if 'File "' in x and "site-packages" not in x]
+    assert not [x for x in ours if str(ROOT) in x], proc.stderr[-3000:]
+    update = {re.search(r"optimizer update (\d+)", e).group(1) for e in errors}
+    assert len(update) == 1 and all("the loss became" in e for e in errors), errors
+    kept = [int(p.name.split("-")[1]) for _, p in ck.complete_checkpoints(out, "torch")]
+    assert max(kept, default=0) < int(update.pop()) and not (out / "model_index.json").exists()

@@ -63,15 +63,22 @@ def train_step(
             stage, model, enc, torch.from_numpy(noise), torch.from_numpy(timesteps), snr_gamma
         )
         value = loss.detach().float().item()
+        # Default mode on several processes: raising alone would leave the other processes
+        # waiting in the gradient all-reduce forever, so all of them decide at the boundary.
+        agree = skip is None and accelerator.num_processes > 1
         if not np.isfinite(value):
-            if skip is None:
-                raise NonFiniteLoss(
-                    f"the loss became {value} at optimizer update {optimizer_update(accelerator)}; "
-                    "lower --learning_rate or use --mixed_precision bf16 instead of fp16 and "
-                    "resume from the last checkpoint, or pass --skip_nonfinite_updates"
-                )
-            skip.poisoned = True
+            if skip is not None:
+                skip.poisoned = True
+            elif not agree:
+                raise NonFiniteLoss(_loss_message(value, accelerator))
+            elif _HELD["loss"] is None:
+                _HELD["loss"] = value
         accelerator.backward(loss)
+        if accelerator.sync_gradients and agree:
+            held, _HELD["loss"] = _HELD["loss"], None
+            if _any_process(accelerator, held is not None):
+                bad = held if held is not None else "non-finite on another process"
+                raise NonFiniteLoss(_loss_message(bad, accelerator))
         if accelerator.sync_gradients:
             params = [p for p in model.parameters() if p.requires_grad]
             norm = float(accelerator.clip_grad_norm_(params, max_grad_norm))
@@ -93,6 +100,19 @@ def train_step(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return value
+
+
+# Default mode (no --skip_nonfinite_updates) on several processes: this process's first
+# non-finite loss of the current update, held until all processes agree at the boundary.
+_HELD: dict[str, float | None] = {"loss": None}
+
+
+def _loss_message(value, accelerator) -> str:
+    return (
+        f"the loss became {value} at optimizer update {optimizer_update(accelerator)}; lower "
+        "--learning_rate or use --mixed_precision bf16 instead of fp16 and resume from the last "
+        "checkpoint, or pass --skip_nonfinite_updates"
+    )
 
 
 def _any_process(accelerator, flag: bool) -> bool:
