@@ -164,13 +164,14 @@ def plan(
 def run_plans(
     specs: list[PlanSpec], limits: dict[str, int], log=print, memo_path=None, isolate=False
 ) -> list[dict]:
-    """Plan every spec; a stage's batch edge on one slice is the search hint on the next."""
+    """Plan every spec, searching the batch up to limits["stage:feeding"] or limits["stage"] (0:
+    no search); a stage's batch edge on one slice is the search hint on the next."""
     memo = Memo(memo_path, isolate)
     edges: dict[tuple, int] = {}
     plans = []
     for spec in specs:
         key = (spec.stage, spec.feeding)
-        limit = limits.get(spec.stage, 0)
+        limit = limits.get(f"{spec.stage}:{spec.feeding}", limits.get(spec.stage, 0))
         entry = plan(spec, search_limit=limit, hint=edges.get(key), log=log, memo=memo)
         if "max_batch_per_core" in entry:
             edges[key] = entry["max_batch_per_core"]
@@ -216,12 +217,13 @@ def table(plans: list[dict]) -> str:
 
 
 def write_results(plans: list[dict], out_dir: str | os.PathLike) -> str:
-    """<out_dir>/<slice>.json per slice and <out_dir>/table.md; returns the table."""
+    """<out_dir>/<slice>.json per slice planned here, and <out_dir>/table.md over every slice's
+    JSON in out_dir (plans of other slices from earlier runs included); returns this run's table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in dict.fromkeys(p["spec"]["slice"] for p in plans):
         mine = [p for p in plans if p["spec"]["slice"] == name]
         (out / f"{name}.json").write_text(json.dumps({"plans": mine}, indent=1) + "\n")
-    text = table(plans)
-    (out / "table.md").write_text(text + "\n")
-    return text
+    every = [p for f in sorted(out.glob("*.json")) for p in json.loads(f.read_text())["plans"]]
+    (out / "table.md").write_text(table(every) + "\n")
+    return table(plans)

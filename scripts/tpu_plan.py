@@ -5,7 +5,8 @@ per-core memory, flops, estimated step time and MFU, and the largest per-core ba
     pip install -e '.[jax,tpu]'
     python scripts/tpu_plan.py --search --output_dir plans      # both stages, v3-8 and v3-32
 
-Writes <output_dir>/<slice>.json per slice and <output_dir>/table.md. Each real-size compile takes
+Writes <output_dir>/<slice>.json per slice and <output_dir>/table.md (every slice's JSON in
+output_dir, so slices can be planned by separate runs). Each real-size compile takes
 minutes on a CPU; --search adds a few compiles per row (see flax_kandinsky/plan.py). Finished
 compiles are kept in <output_dir>/compiles.jsonl: a rerun resumes (delete it after model changes).
 """
@@ -49,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no_ema", action="store_true", help="plan without the EMA copy")
     p.add_argument("--search", action="store_true", help="find the largest per-core batch")
-    p.add_argument("--search_limit", default="prior=512,decoder=64")
+    p.add_argument(
+        "--search_limit",
+        default="prior=512,decoder=64",
+        help="per stage, or stage:feeding (decoder:step=0 skips that search)",
+    )
     p.add_argument("--size", default="real", help="model_configs size (tiny: a quick check)")
     p.add_argument("--output_dir", default="plans")
     p.add_argument("--in_process", action="store_true", help="no process per compile (tiny)")

@@ -154,10 +154,12 @@ def test_plan_compiles_tiny_prior_for_v3_8(tmp_path):
         [
             "--size", "tiny", "--stages", "prior", "--slices", "v3-8", "--feedings", "cache",
             "--batch_per_core", "prior=4", "--output_dir", str(tmp_path), "--in_process",
+            "--search", "--search_limit", "prior=64,prior:cache=0",  # stage:feeding wins
         ]
     )  # fmt: skip
     assert code == 0
     (entry,) = json.loads((tmp_path / "v3-8.json").read_text())["plans"]
+    assert "max_batch_per_core" not in entry
     r = entry["result"]
     assert entry["spec"]["stage"] == "prior" and entry["spec"]["feeding"] == "cache"
     assert r["fits"] and r["mesh"] == {"data": 1, "fsdp": 8} and r["global_batch"] == 32
@@ -165,6 +167,11 @@ def test_plan_compiles_tiny_prior_for_v3_8(tmp_path):
     assert r["hlo_flops"] >= r["model_flops"] > 0  # remat recomputes, never saves flops
     assert r["est_seconds"] > 0 and 0 < r["mfu"] <= 1
     assert "| prior | v3-8 (1x8) | cache | 4 |" in (tmp_path / "table.md").read_text()
+    # Another slice into the same folder: its JSON joins, and table.md shows both.
+    args = ["--size", "tiny", "--stages", "prior", "--slices", "v3-32", "--feedings", "cache"]
+    assert main([*args, "--output_dir", str(tmp_path), "--in_process"]) == 0
+    text = (tmp_path / "table.md").read_text()
+    assert "| prior | v3-8 (1x8) | cache |" in text and "| prior | v3-32 (4x8) | cache |" in text
 
 
 def test_plan_cli_flag_errors(capsys):
