@@ -10,6 +10,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import re
 from pathlib import Path
 
 from flax_kandinsky.plan import GIB, HBM_BYTES, PEAK_FLOPS, PlanSpec, compile_step, model_flops
@@ -70,18 +71,28 @@ def with_rates(result: dict, flops: float) -> dict:
     }
 
 
+# A compile that runs out of HBM says how much it needed: "... HLO temporaries (17.62G) exceeds
+# available HBM (15.48G)". That point on the memory line keeps the search from bisecting blind.
+_REQUIRED = re.compile(r"\(([\d.]+)G\) exceeds")
+
+
+def _total(result: dict) -> float | None:
+    if "bytes" in result:
+        return result["bytes"]["total"]
+    need = _REQUIRED.search(result.get("error", ""))
+    return float(need.group(1)) * GIB if need else None
+
+
 def _next_batch(tried: dict, lo: int, hi: int, limit: int) -> int:
-    """Where the per-core memory line crosses 16 GiB, from the compiles nearest the edge:
-    between the largest fit and the smallest misfit, or past the two largest fits."""
-
-    def total(b):
-        return tried[b].get("bytes", {}).get("total")
-
+    """Where the per-core memory line crosses 16 GiB: through the largest fit and the smallest
+    misfit (its need, when it ran out of HBM), else through the two largest fits."""
     fits = sorted(b for b, r in tried.items() if r["fits"] and "bytes" in r)
-    if hi <= limit and lo > 0 and total(hi) is not None:
-        (b0, m0), (b1, m1) = (lo, total(lo)), (hi, total(hi))
-    elif hi > limit and len(fits) >= 2:
-        (b0, m0), (b1, m1) = (fits[-2], total(fits[-2])), (fits[-1], total(fits[-1]))
+    if hi <= limit and lo > 0 and _total(tried[hi]) is not None:
+        (b0, m0), (b1, m1) = (lo, _total(tried[lo])), (hi, _total(tried[hi]))
+    elif len(fits) >= 2:
+        # The two largest fits follow a curving line best, unless noise flattens them.
+        near = fits[-2] if _total(tried[fits[-1]]) > _total(tried[fits[-2]]) else fits[0]
+        (b0, m0), (b1, m1) = (near, _total(tried[near])), (fits[-1], _total(tried[fits[-1]]))
     else:  # nothing to draw a line through: bisect, or double while nothing failed
         return (lo + hi) // 2 if hi <= limit else min(2 * lo, limit)
     slope = max((m1 - m0) / (b1 - b0), 1.0)

@@ -232,3 +232,25 @@ def test_max_batch_finds_the_edge_in_few_compiles(monkeypatch, hint):
         plan.PlanSpec("prior", batch_per_core=8), first, 20, hint, log=str
     )
     assert best == 20  # the limit caps the search
+
+
+def test_max_batch_reads_what_a_failed_compile_needed(monkeypatch):
+    """A compile out of HBM reports only the memory it needed; the search draws its line through
+    that, so a flat start (two fits with equal memory) does not send it bisecting from the limit."""
+    from flax_kandinsky import plan, plan_search
+
+    def fake_compile(spec):
+        b = spec.batch_per_core
+        total = (4.5 + (0.16 * b if b > 17 else 0.1 * 16)) * plan.GIB
+        if total <= plan.HBM_BYTES:
+            return {"batch_per_core": b, "fits": True, "bytes": {"total": int(total)}}
+        msg = f"RESOURCE_EXHAUSTED: ... HLO temporaries ({total / plan.GIB:.2f}G) exceeds ..."
+        return {"batch_per_core": b, "fits": False, "error": msg}
+
+    monkeypatch.setattr(plan_search, "compile_step", fake_compile)
+    spec = plan.PlanSpec("prior", batch_per_core=16)
+    edge = max(
+        b for b in range(1, 600) if fake_compile(plan.PlanSpec("prior", batch_per_core=b))["fits"]
+    )
+    best, tried = plan_search.max_batch(spec, fake_compile(spec), 512, None, log=str)
+    assert best == edge and len(tried) <= 7, [r["batch_per_core"] for r in tried]
