@@ -57,6 +57,19 @@ class Memo:
                     f.write(json.dumps({"key": key, "value": self.done[key]}) + "\n")
         return self.done[key]
 
+    def other_batches(self, spec: PlanSpec) -> dict[int, dict]:
+        """Finished compiles of `spec` at other per-core batches: a search starts from them."""
+        want = {**dataclasses.asdict(spec), "batch_per_core": None}
+        found = {}
+        for key, value in self.done.items():
+            name, _, text = key.partition(" ")
+            if name == compile_step.__name__:
+                other = json.loads(text)
+                b = other.pop("batch_per_core")
+                if {**other, "batch_per_core": None} == want:
+                    found[b] = value
+        return found
+
 
 def with_rates(result: dict, flops: float) -> dict:
     """Add model flops and MFU: against the roofline time (the compiler's estimate), and with
@@ -111,6 +124,8 @@ def max_batch(
     Returns (batch, every compile's result, by batch).
     """
     tried = {first["batch_per_core"]: first}
+    if memo is not None:  # an interrupted or earlier search: its compiles bound the edge already
+        tried.update({b: r for b, r in memo.other_batches(spec).items() if b <= limit})
 
     def fits(b: int) -> bool:
         if b not in tried:

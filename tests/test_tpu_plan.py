@@ -8,6 +8,7 @@ take minutes per compile and stay in scripts/tpu_plan.py.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 
@@ -254,3 +255,25 @@ def test_max_batch_reads_what_a_failed_compile_needed(monkeypatch):
     )
     best, tried = plan_search.max_batch(spec, fake_compile(spec), 512, None, log=str)
     assert best == edge and len(tried) <= 7, [r["batch_per_core"] for r in tried]
+
+
+def test_a_search_starts_from_the_compiles_already_made(monkeypatch, tmp_path):
+    """A rerun (other search steps, a resumed plan) compiles nothing the memo already bounds."""
+    from flax_kandinsky import plan, plan_search
+
+    calls = []
+
+    def fake_compile(spec):
+        calls.append(spec.batch_per_core)
+        total = int((4 + 0.2 * spec.batch_per_core) * plan.GIB)
+        return {"batch_per_core": spec.batch_per_core, "fits": total <= plan.HBM_BYTES}
+
+    monkeypatch.setattr(plan_search, "compile_step", fake_compile)
+    spec = plan.PlanSpec("prior", batch_per_core=8)
+    memo = plan_search.Memo(tmp_path / "memo.jsonl")
+    for b in (8, 59, 60, 61):
+        memo(plan_search.compile_step, dataclasses.replace(spec, batch_per_core=b))
+    other = plan_search.Memo(tmp_path / "memo.jsonl")  # the next run reads the file
+    calls.clear()
+    best, _ = plan_search.max_batch(spec, other(plan_search.compile_step, spec), 512, memo=other)
+    assert best == 60 and calls == []
