@@ -250,6 +250,12 @@ def write_results(plans: list[dict], out_dir: str | os.PathLike) -> str:
     for name in dict.fromkeys(p["spec"]["slice"] for p in plans):
         mine = [p for p in plans if p["spec"]["slice"] == name]
         (out / f"{name}.json").write_text(json.dumps({"plans": mine}, indent=1) + "\n")
-    every = [p for f in sorted(out.glob("*.json")) for p in json.loads(f.read_text())["plans"]]
+
+    def cores(f: Path):  # v3-8 before v3-32
+        size = re.search(r"-(\d+)$", f.stem)
+        return (int(size.group(1)) if size else 0, f.stem)
+
+    files = sorted(out.glob("*.json"), key=cores)
+    every = [p for f in files for p in json.loads(f.read_text())["plans"]]
     (out / "table.md").write_text(table(every) + "\n")
     return table(plans)
