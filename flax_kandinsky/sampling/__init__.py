@@ -7,11 +7,10 @@ images = sampler.generate(["a red cat"], height=512, width=512, decoder_steps=50
 from flax_kandinsky.sampling.pipelines import (
     DecoderPipeline,
     PriorPipeline,
-    Sampler,
-    checkpoint_params,
     downscale_height_and_width,
     to_pil,
 )
+from flax_kandinsky.sampling.sampler import Sampler, checkpoint_params
 from flax_kandinsky.sampling.schedulers import DDPMScheduler, UnCLIPScheduler, load_scheduler
 
 __all__ = [

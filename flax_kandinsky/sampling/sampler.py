@@ -1,0 +1,93 @@
+"""The combined text-to-image sampler (prior pipeline, then decoder pipeline) and the weights of a
+flax training checkpoint for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+from PIL import Image
+
+from flax_kandinsky.sampling.pipelines import DecoderPipeline, PriorPipeline
+from flax_kandinsky.sampling.schedulers import prng_key
+
+
+def checkpoint_params(checkpoint: str | Path, use_ema: bool = True) -> tuple[str, nnx.State]:
+    """(stage name, trained params) of a flax training checkpoint folder (checkpoint-N): the EMA
+    weights when the run kept them and `use_ema`, else the live ones."""
+    from flax_kandinsky.export import load_checkpoint_model  # the training stack, only here
+
+    stage, model = load_checkpoint_model(checkpoint, use_ema)
+    return stage.spec.name, nnx.split(model, nnx.Param, ...)[1]
+
+
+class Sampler:
+    """Text -> images with a prior pipeline and a decoder pipeline (diffusers' combined K2.2
+    text-to-image: prior 25 steps and guidance 4, decoder guidance 4).
+
+    Parameters:
+        prior: a PriorPipeline; decoder: a DecoderPipeline.
+    """
+
+    def __init__(self, prior: PriorPipeline, decoder: DecoderPipeline):
+        self.prior = prior
+        self.decoder = decoder
+
+    @classmethod
+    def from_folders(
+        cls,
+        prior_dir: str | Path,
+        decoder_dir: str | Path,
+        dtype=None,
+        *,
+        mesh: Mesh | None = None,
+        prior_params=None,
+        unet_params=None,
+    ) -> Sampler:
+        """Both pipelines from diffusers folders. `dtype`: compute dtype (None = fp32, or
+        jnp.bfloat16); prior_params / unet_params (nnx.State of nnx.Param, as
+        `nnx.split(model, nnx.Param, ...)` gives) replace the loaded networks' weights."""
+        prior = PriorPipeline.from_folder(prior_dir, dtype=dtype, mesh=mesh)
+        decoder = DecoderPipeline.from_folder(decoder_dir, dtype=dtype, mesh=mesh)
+        prior.params = prior.place.override(prior.params, prior_params, "prior")
+        decoder.params = decoder.place.override(decoder.params, unet_params, "unet")
+        return cls(prior, decoder)
+
+    def generate(
+        self,
+        prompts,
+        *,
+        height: int = 512,
+        width: int = 512,
+        prior_steps: int = 25,
+        decoder_steps: int = 100,
+        guidance_scale: float = 4.0,
+        prior_guidance_scale: float = 4.0,
+        negative_prompt=None,
+        seed=0,
+        prior_params=None,
+        unet_params=None,
+    ) -> list[Image.Image]:
+        """One image per prompt. `seed` (int or PRNG key) is split between the two stages;
+        prior_params / unet_params override the weights for this call only."""
+        prior_key, decoder_key = jax.random.split(prng_key(seed))
+        embeds, negative = self.prior(
+            prompts,
+            negative_prompt,
+            num_inference_steps=prior_steps,
+            guidance_scale=prior_guidance_scale,
+            seed=prior_key,
+            params=prior_params,
+        )
+        return self.decoder(
+            embeds,
+            negative,
+            height=height,
+            width=width,
+            num_inference_steps=decoder_steps,
+            guidance_scale=guidance_scale,
+            seed=decoder_key,
+            params=unet_params,
+        )
