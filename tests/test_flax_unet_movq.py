@@ -189,7 +189,7 @@ def test_gradient_checkpointing_gives_identical_outputs_and_grads():
 
     n0, out0, g0 = value_and_grad(plain)
     n1, out1, g1 = value_and_grad(remat)
-    assert n0 == 0 and n1 > 0  # remat's barriers are in the compiled step
+    assert n1 > n0  # remat's barriers are in the compiled step (attention's backward has some)
     # Same math; only XLA's fusion of the recomputed graph may move the last fp32 bits.
     assert np.max(np.abs(out1 - out0)) <= TOLERANCES["forward"] * np.max(np.abs(out0))
     assert np.linalg.norm(g1 - g0) <= TOLERANCES["forward"] * np.linalg.norm(g0)

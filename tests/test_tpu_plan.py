@@ -59,6 +59,42 @@ def _biases(b, lq, lk):
     }
 
 
+@pytest.mark.parametrize("bias", ["none", "prior", "clip", "keys", "hidden_first", "learned"])
+def test_dot_attention_backward_equals_autodiff(bias):
+    """The dot kernel's hand-written backward against autodiff of jax.nn.dot_product_attention:
+    gradients of q, k, v and of the bias (summed over the axes it was broadcast along)."""
+    q, k, v = _qkv()
+    biases = _biases(2, 37, 45)
+    biases["learned"] = jax.random.normal(jax.random.key(2), (2, 1, 37, 45))
+    bias_ = biases[bias]
+    w = jax.random.normal(jax.random.key(1), q.shape)
+
+    def grads(fn):
+        args = (q, k, v) if bias_ is None else (q, k, v, bias_)
+        loss = lambda *a: jnp.sum(fn(*a) * w)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args)))))(*args)
+
+    (want, g_want), (got, g_got) = grads(jax.nn.dot_product_attention), grads(layers.attention)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for a, b in zip(g_got, g_want):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_dot_attention_backward_bf16():
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv())
+    w = jax.random.normal(jax.random.key(1), q.shape)
+
+    def grads(fn, dtype):
+        loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * w)  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2))(*(x.astype(dtype) for x in (q, k, v)))
+
+    want = grads(jax.nn.dot_product_attention, jnp.float32)
+    for a, b in zip(grads(layers.attention, jnp.bfloat16), want):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b), atol=0.05, rtol=0.05)
+
+
 # key_chunk 4096: every query block is the dot kernel; 16: online softmax over 3 key blocks.
 @pytest.mark.parametrize(
     "bias, key_chunk",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -123,9 +124,13 @@ def _key(path) -> str:
     return ".".join(str(getattr(p, "key", p)) for p in path)
 
 
-def flatten(state) -> dict[str, np.ndarray]:
-    """Flat dotted-key dict of an nnx.State (e.g. gradients), as numpy."""
-    return {_key(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(state)}
+def flatten(tree) -> dict[str, np.ndarray]:
+    """Flat dotted-key dict of an nnx.State or of its pure dict (the training state's params,
+    gradients), as numpy."""
+    if isinstance(tree, nnx.State):
+        tree = nnx.to_pure_dict(tree)
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_key(path): np.asarray(v) for path, v in leaves}
 
 
 def flat_state(model: nnx.Module, kind=nnx.Param) -> dict[str, np.ndarray]:

@@ -217,7 +217,7 @@ class BasicTransformerBlock(nnx.Module):
         self.ff = FeedForward(dim, **kw)
 
     def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
-        x = x + self.attn1(self.norm1(x), bias)
+        x = layers.grad_barrier(x + self.attn1(self.norm1(layers.grad_barrier(x)), bias))
         return x + self.ff(self.norm3(x))
 
 

@@ -104,6 +104,9 @@ class _Placement:
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     def params(self, tree):
+        """Weights as a pure dict of arrays (cheap to pass to a jitted call), placed on the mesh."""
+        if isinstance(tree, nnx.State):
+            tree = nnx.to_pure_dict(tree)
         if self.mesh is None:
             return tree
         return jax.device_put(tree, sh.tree_shardings(self.mesh, tree))
@@ -112,6 +115,8 @@ class _Placement:
         """`params` placed, if not None and its arrays have the names and shapes of `loaded`."""
         if params is None:
             return loaded
+        if isinstance(params, nnx.State):
+            params = nnx.to_pure_dict(params)
         leaves = [jax.tree_util.tree_flatten_with_path(t)[0] for t in (loaded, params)]
         want, got = ({jax.tree_util.keystr(k): tuple(x.shape) for k, x in ls} for ls in leaves)
         if want != got:

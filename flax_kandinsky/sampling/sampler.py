@@ -14,13 +14,13 @@ from flax_kandinsky.sampling.pipelines import DecoderPipeline, PriorPipeline
 from flax_kandinsky.sampling.schedulers import prng_key
 
 
-def checkpoint_params(checkpoint: str | Path, use_ema: bool = True) -> tuple[str, nnx.State]:
-    """(stage name, trained params) of a flax training checkpoint folder (checkpoint-N): the EMA
-    weights when the run kept them and `use_ema`, else the live ones."""
+def checkpoint_params(checkpoint: str | Path, use_ema: bool = True) -> tuple[str, dict]:
+    """(stage name, trained params as a pure dict of arrays) of a flax training checkpoint folder
+    (checkpoint-N): the EMA weights when the run kept them and `use_ema`, else the live ones."""
     from flax_kandinsky.export import load_checkpoint_model  # the training stack, only here
 
     stage, model = load_checkpoint_model(checkpoint, use_ema)
-    return stage.spec.name, nnx.split(model, nnx.Param, ...)[1]
+    return stage.spec.name, nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
 
 
 class Sampler:
@@ -47,8 +47,9 @@ class Sampler:
         unet_params=None,
     ) -> Sampler:
         """Both pipelines from diffusers folders. `dtype`: compute dtype (None = fp32, or
-        jnp.bfloat16); prior_params / unet_params (nnx.State of nnx.Param, as
-        `nnx.split(model, nnx.Param, ...)` gives) replace the loaded networks' weights."""
+        jnp.bfloat16); prior_params / unet_params (the nnx.Param state that
+        `nnx.split(model, nnx.Param, ...)` gives, or its pure dict) replace the loaded networks'
+        weights."""
         prior = PriorPipeline.from_folder(prior_dir, dtype=dtype, mesh=mesh)
         decoder = DecoderPipeline.from_folder(decoder_dir, dtype=dtype, mesh=mesh)
         prior.params = prior.place.override(prior.params, prior_params, "prior")
