@@ -83,9 +83,13 @@ def batch_sharding(mesh: Mesh, leading: int = 1) -> NamedSharding:
     return NamedSharding(mesh, P(*([None] * leading), AXES))
 
 
-def global_batch(mesh: Mesh, local: dict[str, np.ndarray], leading: int = 1) -> dict:
-    """This process's part of the batch -> global jax.Arrays (multi-host ready)."""
+def global_batch(mesh: Mesh, local, leading: int = 1):
+    """This process's part of the batch (a pytree of numpy arrays) -> global jax.Arrays
+    (multi-host ready)."""
     sharding = batch_sharding(mesh, leading)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
-    }
+    local = jax.tree.map(np.asarray, local)
+    if jax.process_count() == 1:
+        # The local batch is the global one: one transfer for all arrays (a quarter of the host
+        # time, which the prefetch thread takes from the cores running the step).
+        return jax.device_put(local, sharding)
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), local)

@@ -87,8 +87,8 @@ def device_batches(mesh, batches):
     """Host batches -> global jax.Arrays. Run on the prefetch thread, so the host-to-device copy of
     the next update's batch overlaps the current step instead of preceding the next dispatch."""
     for update, batch, noise, timesteps in batches:
-        g_noise, g_t = sh.global_batch(mesh, {"n": noise, "t": timesteps}).values()
-        yield update, sh.global_batch(mesh, batch, leading=1), g_noise, g_t
+        g = sh.global_batch(mesh, {"batch": batch, "noise": noise, "t": timesteps})
+        yield update, g["batch"], g["noise"], g["t"]
 
 
 def _agreed(requested: bool) -> bool:
