@@ -205,19 +205,32 @@ def _drop_aborted_read_reports() -> None:
     sys.unraisablehook = hook
 
 
-def _names_and_leaves(abstract_state: Any) -> dict[str, Any]:
-    """orbax's storage name of every leaf ('params.unet.conv.kernel', 'opt.0.mu...')."""
+def _name(path) -> str:
+    """orbax's storage name of the leaf at a key path ('params.unet.conv.kernel')."""
 
-    # Built from the leaf paths, not ocp.tree.get_param_names: that one also names empty nodes
-    # (optax's EmptyState), which would shift a zip against the leaves.
     def part(k):
         for attr in ("key", "idx", "name"):
             if hasattr(k, attr):
                 return str(getattr(k, attr))
         return str(k)
 
+    return ".".join(part(k) for k in path)
+
+
+def _names_and_leaves(abstract_state: Any) -> dict[str, Any]:
+    """orbax's storage name of every leaf ('params.unet.conv.kernel', 'opt.0.mu...')."""
+    # Built from the leaf paths, not ocp.tree.get_param_names: that one also names empty nodes
+    # (optax's EmptyState), which would shift a zip against the leaves.
     flat, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
-    return {".".join(part(k) for k in path): leaf for path, leaf in flat}
+    return {_name(path): leaf for path, leaf in flat}
+
+
+def _as_written_before_pure_dicts(abstract_state: Any, legacy: set[str]) -> Any:
+    """The restore target of a checkpoint written while the state held nnx Variables (before
+    2026-11-22): each of those arrays is stored under a trailing `.value`."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: {"value": leaf} if _name(path) in legacy else leaf, abstract_state
+    )
 
 
 def _listing(names, limit: int = 3) -> str:
@@ -374,8 +387,9 @@ class CheckpointStore:
             raise UserError(f"checkpoint {path} is incomplete ({reason}); pick another")
         return path
 
-    def _check_fits(self, path: Path, abstract_state: Any) -> None:
-        """Compare names and shapes before reading: a mismatch is the user's flags, not damage."""
+    def _check_fits(self, path: Path, abstract_state: Any) -> set[str]:
+        """Compare names and shapes before reading: a mismatch is the user's flags, not damage.
+        Returns the leaves the checkpoint stores in the layout before pure dicts (`.value`)."""
         wanted = _names_and_leaves(abstract_state)
         for name, leaf in wanted.items():
             if getattr(leaf, "sharding", None) is None:
@@ -388,8 +402,11 @@ class CheckpointStore:
         except Exception as e:
             raise CheckpointDamaged(path, f"{STATE_ITEM}/ metadata: {_root_cause(e)}") from e
         if tree is None:
-            return  # only the tree metadata file is gone; the restore finds out about the arrays
+            return set()  # only the tree metadata file is gone; the restore finds out about that
         saved = {leaf.name: leaf for leaf in jax.tree.leaves(tree.tree) if hasattr(leaf, "name")}
+        legacy = {n for n in wanted.keys() - saved.keys() if f"{n}.value" in saved}
+        renamed = {n: n.removesuffix(".value") for n in saved}
+        saved = {renamed[n] if renamed[n] in legacy else n: leaf for n, leaf in saved.items()}
         problems = []
         if missing := wanted.keys() - saved.keys():
             problems.append(f"not in the checkpoint: {_listing(missing)}")
@@ -406,6 +423,7 @@ class CheckpointStore:
                 ": resume with the model and flags it was written with, or use another "
                 "--output_dir"
             )
+        return legacy
 
     def restore(
         self, step_or_path: int | str | Path, abstract_state: Any, *, stage: str | None = None
@@ -422,8 +440,9 @@ class CheckpointStore:
         ck.check_compatible(
             meta, stage=meta.get("stage") if stage is None else stage, backend=BACKEND, path=path
         )
-        self._check_fits(path, abstract_state)
-        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
+        legacy = self._check_fits(path, abstract_state)
+        target = _as_written_before_pure_dicts(abstract_state, legacy) if legacy else abstract_state
+        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)})
         _drop_aborted_read_reports()  # before: the reports can come from other threads at once
         try:
             restored = self._get_reader().restore(epath.Path(path), args=args)
@@ -431,7 +450,10 @@ class CheckpointStore:
             if "RESOURCE_EXHAUSTED" in str(e) or isinstance(e, MemoryError):
                 raise  # out of memory is not the checkpoint's fault
             raise CheckpointDamaged(path, _describe_damage(e)) from e
-        return restored[STATE_ITEM], meta
+        state = restored[STATE_ITEM]
+        if legacy:  # same leaves in the same order, one dict level deeper
+            state = jax.tree.unflatten(jax.tree.structure(abstract_state), jax.tree.leaves(state))
+        return state, meta
 
     def restore_latest_good(
         self, abstract_state: Any, *, stage: str | None = None

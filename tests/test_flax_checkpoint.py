@@ -107,6 +107,22 @@ def test_round_trip_values_dtypes_shardings_and_meta(tmp_path, mesh):
     assert ck.read_state(tmp_path / "checkpoint-5") == got  # the backend-generic reader agrees
 
 
+def test_restores_the_layout_before_pure_dicts(tmp_path, mesh):
+    """Checkpoints written while the state held nnx Variables store each of those arrays under
+    a trailing `.value`; they restore into today's pure-dict state."""
+    state = make_state(2, on_mesh(mesh))
+    wrap = lambda x: {"value": x}  # noqa: E731
+    old = {"params": jax.tree.map(wrap, state["params"]), "opt": {"mu": wrap(state["opt"]["mu"])}}
+    with CheckpointStore(tmp_path, max_to_keep=None) as store:
+        store.save(3, {**old, "step": state["step"]}, meta(3))
+        store.wait()
+        restored, _ = store.restore(3, abstract(state), stage=STAGE)
+        assert_same(restored, state)
+        bigger = {**abstract(state), "extra": abstract(state)["step"]}
+        with pytest.raises(UserError, match="not in the checkpoint: extra"):
+            store.restore(3, bigger, stage=STAGE)
+
+
 def test_flax_train_state_with_optax_round_trip(tmp_path, mesh):
     """What the loop saves: a flax TrainState (static apply_fn, tx) holding optax namedtuples."""
     params = make_state(4, on_mesh(mesh))["params"]
