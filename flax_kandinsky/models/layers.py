@@ -160,10 +160,6 @@ def _exp_logits(q, k, bias, scale):
     logits = logits.astype(jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
-    import os
-
-    if os.environ.get("BAR1"):
-        logits = jax.lax.optimization_barrier(logits)
     # The max only shifts the exponent: the result does not depend on it.
     e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     return e, jnp.sum(e, axis=-1, keepdims=True)
@@ -196,8 +192,7 @@ def _dot_attention(q, k, v, bias, scale):
     """Softmax attention on (B, H, L, D) heads with a hand-written backward: autodiff of the
     forward gave XLA:CPU two slow transposed dots and several passes over the logits (the
     backward took 10x the forward; now 1.5x)."""
-    e, total = _exp_logits(q, k, bias, scale)
-    return _normalised_pv(e, total, v, q.dtype)
+    return _dot_attention_fwd(q, k, v, bias, scale)[0]
 
 
 def _dot_attention_fwd(q, k, v, bias, scale):
