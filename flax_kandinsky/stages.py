@@ -88,14 +88,18 @@ class PriorStage(Stage):
 
     @staticmethod
     def encode(frozen, batch):
+        """Text and image encoder outputs; a batch of captions alone (the embeddings cache's
+        extra captions) gives the text ones."""
         out = frozen["text_encoder"](batch["text_input_ids"])
-        image = frozen["image_encoder"](_nhwc(batch["clip_pixel_values"]))
-        return {
+        enc = {
             "text_embeds": out["text_embeds"],
             "text_hidden_states": out["last_hidden_state"],
             "text_mask": batch["text_mask"],
-            "image_embeds": image["image_embeds"],
         }
+        if "clip_pixel_values" in batch:
+            image = frozen["image_encoder"](_nhwc(batch["clip_pixel_values"]))
+            enc["image_embeds"] = image["image_embeds"]
+        return enc
 
     @staticmethod
     def x0(model, enc):

@@ -5,6 +5,10 @@ one `<key>.npy` per encoder output holding every dataset row (memory-mapped, ref
 NCHW latents), and `done.npy`, a bool per row. Rows are filled by an encode pass before training
 and read by index afterwards; the fingerprint (encoder weights, preprocessing, data, precision)
 makes a stale cache rebuild itself instead of feeding wrong embeddings.
+
+A caption column of lists (several captions per image, one drawn per epoch) caches every caption:
+the text outputs (`CaptionEntries.keys`) then hold one entry per caption, rows' entries
+contiguous from `offsets.npy` (N + 1 int64), and a read names the caption each row trains on.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,7 @@ from kandinsky_common.errors import UserError
 
 MANIFEST = "manifest.json"
 DONE = "done.npy"
+OFFSETS = "offsets.npy"
 _SAMPLES = 64  # chunks hashed per weights file
 _CHUNK = 1 << 16
 
@@ -67,6 +73,14 @@ class EmbeddingCache:
             k: np.load(folder / f"{k}.npy", mmap_mode=mode) for k in self.manifest["specs"]
         }
         self.done = np.load(folder / DONE, mmap_mode=mode)
+        # Keys held per caption entry, and where each row's entries start (lists of captions).
+        self.entry_keys = tuple(self.manifest.get("entry_keys", ()))
+        self.offsets = np.load(folder / OFFSETS) if self.entry_keys else None
+
+    @property
+    def caption_counts(self) -> np.ndarray | None:
+        """Captions per row of a cache made from lists of captions, else None."""
+        return None if self.offsets is None else np.diff(self.offsets)
 
     @staticmethod
     def check_folder(folder: Path) -> None:
@@ -89,22 +103,38 @@ class EmbeddingCache:
         return cls(folder, mode)
 
     @classmethod
-    def create(cls, folder: Path, fp: str, num_rows: int, first: dict[str, np.ndarray]):
-        """A new, empty cache whose arrays are shaped like the rows of `first`."""
+    def create(
+        cls,
+        folder: Path,
+        fp: str,
+        num_rows: int,
+        first: dict[str, np.ndarray],
+        offsets: np.ndarray | None = None,
+        first_entries: dict[str, np.ndarray] | None = None,
+    ):
+        """A new, empty cache whose arrays are shaped like the rows of `first` (and, with
+        `offsets`, per-caption arrays shaped like the entries of `first_entries`)."""
         if folder.exists():
             print(f"embeddings cache {folder} is stale (encoders, data or settings changed)")
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         specs = {}
-        for k, v in first.items():
-            v = np.asarray(v)
-            dtype = np.dtype(bool) if v.dtype == bool else np.dtype(np.float32)
-            np.lib.format.open_memmap(
-                folder / f"{k}.npy", "w+", dtype, (num_rows, *v.shape[1:])
-            ).flush()
-            specs[k] = [list(v.shape[1:]), dtype.str]
+        sized = [(first, num_rows)]
+        if offsets is not None:
+            sized.append((first_entries, int(offsets[-1])))
+        for values, n in sized:
+            for k, v in values.items():
+                v = np.asarray(v)
+                dtype = np.dtype(bool) if v.dtype == bool else np.dtype(np.float32)
+                np.lib.format.open_memmap(
+                    folder / f"{k}.npy", "w+", dtype, (n, *v.shape[1:])
+                ).flush()
+                specs[k] = [list(v.shape[1:]), dtype.str]
         np.save(folder / DONE, np.zeros(num_rows, bool))
         manifest = {"fingerprint": fp, "num_rows": num_rows, "specs": specs, "format": 1}
+        if offsets is not None:
+            np.save(folder / OFFSETS, np.asarray(offsets, np.int64))
+            manifest.update(format=2, entry_keys=sorted(first_entries))
         # The manifest last: a folder without one is not a cache and is rebuilt.
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         return cls(folder, "r+")
@@ -112,16 +142,61 @@ class EmbeddingCache:
     def missing(self) -> np.ndarray:
         return np.flatnonzero(~np.asarray(self.done))
 
-    def write(self, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
+    def write(
+        self,
+        rows: np.ndarray,
+        values: dict[str, np.ndarray],
+        entries: np.ndarray | None = None,
+        entry_values: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """Store rows' outputs (and, per caption, `entry_values` at `entries`: all of the rows'
+        captions) and mark the rows done."""
         for k, arr in self.arrays.items():
-            arr[rows] = np.asarray(values[k]).astype(arr.dtype)
+            if k in self.entry_keys:
+                arr[entries] = np.asarray(entry_values[k]).astype(arr.dtype)
+            else:
+                arr[rows] = np.asarray(values[k]).astype(arr.dtype)
             arr.flush()
         # Marked done only after the data is flushed: a crash mid-write recomputes the rows.
         self.done[rows] = True
         self.done.flush()
 
-    def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: np.asarray(arr[rows]) for k, arr in self.arrays.items()}
+    def read(self, rows: np.ndarray, choices: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Rows' outputs; with lists of captions, the text of caption `choices[i]` of row i."""
+        if self.offsets is None:
+            return {k: np.asarray(arr[rows]) for k, arr in self.arrays.items()}
+        entries = self.offsets[rows] + np.asarray(choices, np.int64)
+        return {
+            k: np.asarray(arr[entries if k in self.entry_keys else rows])
+            for k, arr in self.arrays.items()
+        }
+
+
+@dataclass(frozen=True)
+class CaptionEntries:
+    """Several captions per row: `counts` (N,) captions per row; `encode(rows, choices)` maps
+    the rows' caption numbers to the text outputs `keys` (the rest of the outputs stay per row,
+    from `encode_rows`)."""
+
+    counts: np.ndarray
+    keys: tuple[str, ...]
+    encode: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+
+
+def _encode_padded(encode, batch_size: int, *columns: np.ndarray) -> dict[str, np.ndarray]:
+    """encode(*columns) on batch_size entries at a time, the last chunk padded with repeats so
+    the encoder always sees one shape; outputs concatenated back to len(columns[0])."""
+    n, chunks = len(columns[0]), []
+    for start in range(0, n, batch_size):
+        part = [c[start : start + batch_size] for c in columns]
+        pad = batch_size - len(part[0])
+        part = [np.concatenate([c, np.repeat(c[-1:], pad)]) for c in part]
+        chunks.append({k: np.asarray(v)[: batch_size - pad] for k, v in encode(*part).items()})
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
 def fill_cache(
@@ -131,20 +206,31 @@ def fill_cache(
     batch_size: int,
     encode_rows: Callable[[np.ndarray], dict[str, np.ndarray]],
     progress: Callable[[int], None] | None = None,
+    captions: CaptionEntries | None = None,
 ) -> EmbeddingCache:
     """Encode every row not yet cached, `batch_size` rows at a time (the last chunk is padded
-    with repeats so the encoder always sees one shape), and return the complete cache."""
+    with repeats so the encoder always sees one shape), and return the complete cache. With
+    `captions`, every caption of those rows is encoded too, `batch_size` captions at a time."""
     folder = Path(folder).expanduser()
     EmbeddingCache.check_folder(folder)
     cache = EmbeddingCache.existing(folder, fp, num_rows, mode="r+")
     todo = np.arange(num_rows) if cache is None else cache.missing()
+    offsets = None if captions is None else captions.offsets
     for start in range(0, len(todo), batch_size):
         rows = todo[start : start + batch_size]
-        padded = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows))])
-        out = {k: np.asarray(v)[: len(rows)] for k, v in encode_rows(padded).items()}
+        out = _encode_padded(encode_rows, batch_size, rows)
+        entries = entry_out = None
+        if captions is not None:
+            out = {k: v for k, v in out.items() if k not in captions.keys}
+            counts = captions.counts[rows]
+            entries = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in rows])
+            choices = entries - np.repeat(offsets[rows], counts)
+            entry_out = _encode_padded(
+                captions.encode, batch_size, np.repeat(rows, counts), choices
+            )
         if cache is None:
-            cache = EmbeddingCache.create(folder, fp, num_rows, out)
-        cache.write(rows, out)
+            cache = EmbeddingCache.create(folder, fp, num_rows, out, offsets, entry_out)
+        cache.write(rows, out, entries, entry_out)
         if progress is not None:
             progress(len(rows))
     return EmbeddingCache(folder, "r")

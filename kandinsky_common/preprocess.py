@@ -189,18 +189,34 @@ def tokenize(tokenizer, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray
     return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(bool)
 
 
-def choose_caption(caption: str | Sequence[str], rng: np.random.Generator) -> str:
-    """A str as is; one entry of a list, drawn from `rng` (the reference's random.choice)."""
+def caption_choice(seed: int, epoch: int, row: int, count: int) -> int:
+    """Which of a row's `count` captions an epoch trains on (the reference's random.choice),
+    drawn from (seed, epoch, row): a resumed run, and the embeddings cache, pick the same."""
+    return int(np.random.default_rng([seed, int(epoch), int(row)]).integers(count))
+
+
+def _caption_list(caption) -> Sequence[str]:
+    """A row's captions: a str is one; a list must be non-empty strings."""
     if isinstance(caption, str):
+        return [caption]
+    if (
+        isinstance(caption, Sequence | np.ndarray)
+        and len(caption) > 0
+        and all(isinstance(c, str) for c in caption)
+    ):
         return caption
-    if isinstance(caption, Sequence | np.ndarray) and len(caption) > 0:
-        chosen = caption[int(rng.integers(len(caption)))]
-        if isinstance(chosen, str):
-            return chosen
     raise UserError(
         f"caption {caption!r} is neither a string nor a non-empty list of strings; "
         "fix the caption column"
     )
+
+
+def choose_caption(caption: str | Sequence[str], seed: int, epoch: int, row: int) -> str:
+    """A str as is; one entry of a list, drawn by `caption_choice`."""
+    captions = _caption_list(caption)
+    if isinstance(caption, str):
+        return caption
+    return captions[caption_choice(seed, epoch, row, len(captions))]
 
 
 def _where(path: str | None, index: int | None) -> str:
@@ -328,11 +344,25 @@ class BatchBuilder:
             batch["pixel_values"] = np.stack([p[1] for p in pixels])
         if self.caption_column is not None:
             captions = [
-                choose_caption(caption, np.random.default_rng([self.seed, int(epoch), row]))
+                choose_caption(caption, self.seed, epoch, row)
                 for caption, row in zip(cells[self.caption_column], rows, strict=True)
             ]
             batch["text_input_ids"], batch["text_mask"] = tokenize(self.tokenizer, captions)
         return batch
+
+    def caption_counts(self) -> np.ndarray:
+        """How many captions each row has (1 for a string), int64 (N,)."""
+        column = self._dataset.select_columns([self.caption_column])[self.caption_column]
+        return np.array([len(_caption_list(c)) for c in column], np.int64)
+
+    def captions(self, indices: np.ndarray, choices: np.ndarray) -> dict[str, np.ndarray]:
+        """The tokenized caption `choices[i]` of row `indices[i]`, without the images: the
+        `text_input_ids` and `text_mask` keys of a batch."""
+        rows = [int(i) for i in np.asarray(indices).reshape(-1)]
+        cells = self._dataset.select_columns([self.caption_column])[rows][self.caption_column]
+        captions = [_caption_list(c)[int(j)] for c, j in zip(cells, choices, strict=True)]
+        ids, mask = tokenize(self.tokenizer, captions)
+        return {"text_input_ids": ids, "text_mask": mask}
 
     def close(self) -> None:
         if self._executor is not None:

@@ -10,16 +10,27 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
 
 from kandinsky_common import checkpoints as ck
-from kandinsky_common.cache import EmbeddingCache, fill_cache, fingerprint, folder_digest
+from kandinsky_common.cache import (
+    CaptionEntries,
+    EmbeddingCache,
+    fill_cache,
+    fingerprint,
+    folder_digest,
+)
 from kandinsky_common.data import load_train_dataset
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
-from kandinsky_common.preprocess import BatchBuilder, load_image_processor_config
+from kandinsky_common.preprocess import (
+    BatchBuilder,
+    caption_choice,
+    load_image_processor_config,
+)
 from kandinsky_common.sampler import EpochSampler
 from kandinsky_common.stage_spec import StageSpec
 
@@ -70,7 +81,14 @@ class RunPlan:
         epoch, step = self.position(micro)
         rows = self.sampler.indices(epoch, step)
         if self.cache is not None:
-            return self.cache.read(rows)
+            counts = self.cache.caption_counts
+            if counts is None:
+                return self.cache.read(rows)
+            # The caption the uncached run would draw for this epoch (BatchBuilder's choice).
+            seed = self.builder.seed
+            return self.cache.read(
+                rows, [caption_choice(seed, epoch, r, counts[r]) for r in rows.tolist()]
+            )
         return self.builder(rows, epoch)
 
     def use_cache(
@@ -83,13 +101,17 @@ class RunPlan:
     ) -> None:
         """Fill (on the main process) and then use the encode-once cache.
 
-        `encode` maps a preprocessed numpy batch to encoder outputs in the reference layout.
+        `encode` maps a preprocessed numpy batch to encoder outputs in the reference layout (a
+        batch of captions alone to the stage's caption keys). A caption column of lists caches
+        every caption, and each epoch reads the one the uncached run would draw.
         """
         feature = self.dataset.features.get(cfg.caption_column) if self.spec.uses_captions else None
+        captions = None
         if feature is not None and not getattr(feature, "dtype", None) == "string":
-            raise UserError(
-                f"--embeddings_cache needs one caption per image, but column "
-                f"{cfg.caption_column!r} holds lists (one is drawn per epoch); drop the flag"
+            captions = CaptionEntries(
+                counts=self.builder.caption_counts(),
+                keys=self.spec.caption_keys,
+                encode=lambda rows, choices: encode(self.builder.captions(rows, choices)),
             )
         roots = {
             "prior": cfg.pretrained_prior_model_name_or_path,
@@ -106,6 +128,7 @@ class RunPlan:
             "data": [getattr(self.dataset, "_fingerprint", None), len(self.dataset)],
             "columns": [cfg.image_column, cfg.caption_column if self.spec.uses_captions else None],
             "precision": cfg.mixed_precision or "no",
+            "captions": None if captions is None else sha256(captions.counts.tobytes()).hexdigest(),
         }
         folder = Path(cfg.embeddings_cache).expanduser()
         if is_main:
@@ -115,6 +138,7 @@ class RunPlan:
                 len(self.dataset),
                 self.sampler.per_process_batch,
                 lambda rows: encode(self.builder(rows, 0)),
+                captions=captions,
             )
         barrier()
         self.cache = EmbeddingCache(folder, "r")

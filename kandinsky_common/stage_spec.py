@@ -12,6 +12,7 @@ class StageSpec:
     uses_captions: bool
     uses_resolution: bool
     encoded_keys: tuple[str, ...]  # what stage.encode returns (and the cache stores)
+    caption_keys: tuple[str, ...]  # the encoded keys of the caption (a text-only batch's)
     # (pipeline folder, subfolder) of everything that shapes the encoder outputs
     encoder_folders: tuple[tuple[str, str], ...]
 
@@ -22,6 +23,7 @@ PRIOR = StageSpec(
     uses_captions=True,
     uses_resolution=False,
     encoded_keys=("text_embeds", "text_hidden_states", "text_mask", "image_embeds"),
+    caption_keys=("text_embeds", "text_hidden_states", "text_mask"),
     encoder_folders=(("prior", "text_encoder"), ("prior", "image_encoder"), ("prior", "tokenizer")),
 )
 DECODER = StageSpec(
@@ -30,6 +32,7 @@ DECODER = StageSpec(
     uses_captions=False,
     uses_resolution=True,
     encoded_keys=("latents", "image_embeds"),
+    caption_keys=(),
     encoder_folders=(("decoder", "movq"), ("prior", "image_encoder")),
 )
 SPECS = {s.name: s for s in (PRIOR, DECODER)}

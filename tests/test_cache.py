@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from kandinsky_common.cache import EmbeddingCache, fill_cache
-from kandinsky_common.cli import main
+from kandinsky_common.cache import CaptionEntries, EmbeddingCache, fill_cache
 from kandinsky_common.errors import UserError
+from kandinsky_common.preprocess import caption_choice
 from tests.helpers import train_args
 
 
@@ -90,17 +90,56 @@ def test_folder_with_other_files_is_refused(tmp_path):
     assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
 
 
-def test_list_captions_are_refused(tiny_folders, tmp_path, capsys):
+def _list_caption_data(folder):
     from PIL import Image
 
-    data = tmp_path / "data"
-    data.mkdir()
+    folder.mkdir()
     rows = []
-    for i in range(4):
-        Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(data / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": [f"red {i}", f"crimson {i}"]})
-    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    prior, decoder = tiny_folders
-    args = train_args(prior, decoder, data, tmp_path / "out", backend="flax")
-    assert main("prior", args + ["--embeddings_cache", str(tmp_path / "cache")]) == 2
-    assert "one caption per image" in capsys.readouterr().err
+    for i in range(6):
+        Image.new("RGB", (64, 64), (i * 40, 90, 255 - i * 40)).save(folder / f"{i}.png")
+        names = ["red", "crimson", "a painting of a red", "scarlet"][: 1 + i % 4]
+        rows.append({"file_name": f"{i}.png", "text": [f"{n} square {i}" for n in names]})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder
+
+
+def test_list_captions_cache_every_caption_and_train_as_uncached(tiny_folders, tmp_path):
+    """One caption is drawn per row and epoch: the cache holds them all and reads the draw."""
+    import jax
+
+    data = _list_caption_data(tmp_path / "data")
+    cache = tmp_path / "cache"
+    plain = _train("flax", tiny_folders, data, tmp_path / "a", None)
+    cached = _train("flax", tiny_folders, data, tmp_path / "b", cache)
+    batch = 2 * jax.device_count()
+    torch_run = _train("torch", tiny_folders, data, tmp_path / "c", cache, train_batch_size=batch)
+    c = EmbeddingCache(cache)
+    assert c.caption_counts.tolist() == [1, 2, 3, 4, 1, 2]
+    assert c.arrays["text_hidden_states"].shape[0] == 13 and c.arrays["image_embeds"].shape[0] == 6
+    # Every caption's text was encoded: no two entries of a row are the same.
+    states = np.asarray(c.arrays["text_embeds"])
+    for r in range(6):
+        own = states[c.offsets[r] : c.offsets[r + 1]]
+        assert len({x.tobytes() for x in own}) == len(own)
+    for run in (cached, torch_run):
+        np.testing.assert_allclose(run["losses"], plain["losses"], rtol=1e-5)
+    # The runs' epochs draw other captions than the first, so a wrong read would show above.
+    draws = [caption_choice(0, e, r, n) for e in range(4) for r, n in enumerate(c.caption_counts)]
+    assert any(draws)
+
+
+def test_cache_reads_each_rows_drawn_caption(tmp_path):
+    counts = np.array([1, 3, 2])
+
+    def encode_rows(rows):
+        return {"img": rows[:, None] * 1.0, "txt": rows[:, None] * 0.0}
+
+    def encode_captions(rows, choices):
+        return {"txt": (10 * rows + choices)[:, None] * 1.0}
+
+    captions = CaptionEntries(counts=counts, keys=("txt",), encode=encode_captions)
+    c = fill_cache(tmp_path / "c", "fp", 3, 2, encode_rows, captions=captions)
+    assert c.offsets.tolist() == [0, 1, 4, 6]
+    out = c.read(np.array([2, 1, 1, 0]), np.array([1, 2, 0, 0]))
+    assert out["txt"][:, 0].tolist() == [21, 12, 10, 0]
+    assert out["img"][:, 0].tolist() == [2, 1, 1, 0]

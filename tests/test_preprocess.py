@@ -15,6 +15,7 @@ from kandinsky_common.model_configs import IMAGE_PROCESSOR
 from kandinsky_common.preprocess import (
     BatchBuilder,
     Prefetcher,
+    caption_choice,
     choose_caption,
     clip_pixels,
     clip_spec,
@@ -159,12 +160,16 @@ def test_tokenizer_without_max_length_is_a_user_error():
 
 def test_choose_caption_is_deterministic():
     captions = ["one", "two", "three", "four"]
-    picks = [choose_caption(captions, np.random.default_rng([0, 1, i])) for i in range(40)]
-    again = [choose_caption(captions, np.random.default_rng([0, 1, i])) for i in range(40)]
+    picks = [choose_caption(captions, 0, 1, i) for i in range(40)]
+    again = [choose_caption(captions, 0, 1, i) for i in range(40)]
     assert picks == again and set(picks) == set(captions)
-    assert choose_caption("just text", np.random.default_rng(0)) == "just text"
+    assert [choose_caption(captions, 0, 2, i) for i in range(40)] != picks  # a new draw per epoch
+    assert picks == [captions[caption_choice(0, 1, i, 4)] for i in range(40)]
+    assert choose_caption("just text", 0, 0, 0) == "just text"
     with pytest.raises(UserError, match="non-empty list"):
-        choose_caption([], np.random.default_rng(0))
+        choose_caption([], 0, 0, 0)
+    with pytest.raises(UserError, match="non-empty list"):
+        choose_caption(["fine", 3], 0, 0, 0)
 
 
 def _jpeg_bytes(img):

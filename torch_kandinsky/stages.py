@@ -78,14 +78,17 @@ class PriorStage(Stage):
 
     @torch.no_grad()
     def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Text and image encoder outputs; a batch of captions alone (the embeddings cache's
+        extra captions) gives the text ones."""
         out = self.text_encoder(batch["text_input_ids"])
-        image_embeds = self.image_encoder(batch["clip_pixel_values"]).image_embeds
-        return {
+        enc = {
             "text_embeds": out.text_embeds,
             "text_hidden_states": out.last_hidden_state,
             "text_mask": batch["text_mask"],
-            "image_embeds": image_embeds,
         }
+        if "clip_pixel_values" in batch:
+            enc["image_embeds"] = self.image_encoder(batch["clip_pixel_values"]).image_embeds
+        return enc
 
     def x0_shape(self, batch_size: int, resolution: int) -> tuple[int, ...]:
         return (batch_size, self.model.config.embedding_dim)
