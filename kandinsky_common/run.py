@@ -128,8 +128,9 @@ class RunPlan:
             "data": [getattr(self.dataset, "_fingerprint", None), len(self.dataset)],
             "columns": [cfg.image_column, cfg.caption_column if self.spec.uses_captions else None],
             "precision": cfg.mixed_precision or "no",
-            "captions": None if captions is None else sha256(captions.counts.tobytes()).hexdigest(),
         }
+        if captions is not None:  # only then: caches of one caption per image stay current
+            parts["captions"] = sha256(captions.counts.tobytes()).hexdigest()
         folder = Path(cfg.embeddings_cache).expanduser()
         if is_main:
             fill_cache(
