@@ -76,11 +76,8 @@ class EmbeddingCache:
         # Keys held per caption entry, and where each row's entries start (lists of captions).
         self.entry_keys = tuple(self.manifest.get("entry_keys", ()))
         self.offsets = np.load(folder / OFFSETS) if self.entry_keys else None
-
-    @property
-    def caption_counts(self) -> np.ndarray | None:
-        """Captions per row of a cache made from lists of captions, else None."""
-        return None if self.offsets is None else np.diff(self.offsets)
+        # Captions per row of a cache made from lists of captions, else None.
+        self.caption_counts = None if self.offsets is None else np.diff(self.offsets)
 
     @staticmethod
     def check_folder(folder: Path) -> None:

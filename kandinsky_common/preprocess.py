@@ -328,7 +328,11 @@ class BatchBuilder:
         pixels = decoder_pixels(image, self.resolution) if self.resolution else None
         return clip, pixels
 
-    def __call__(self, indices: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
+    def __call__(
+        self, indices: np.ndarray, epoch: int, *, with_captions: bool = True
+    ) -> dict[str, np.ndarray]:
+        """The batch of rows `indices` in `epoch`; without its captions if not `with_captions`
+        (the embeddings cache encodes every caption of a list on its own, see `captions`)."""
         rows = [int(i) for i in np.asarray(indices).reshape(-1)]
         cells = self._dataset[rows]
         images = cells[self.image_column]
@@ -342,7 +346,7 @@ class BatchBuilder:
         batch = {"clip_pixel_values": np.stack([p[0] for p in pixels])}
         if self.resolution:
             batch["pixel_values"] = np.stack([p[1] for p in pixels])
-        if self.caption_column is not None:
+        if self.caption_column is not None and with_captions:
             captions = [
                 choose_caption(caption, self.seed, epoch, row)
                 for caption, row in zip(cells[self.caption_column], rows, strict=True)

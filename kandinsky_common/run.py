@@ -138,7 +138,8 @@ class RunPlan:
                 fingerprint(parts),
                 len(self.dataset),
                 self.sampler.per_process_batch,
-                lambda rows: encode(self.builder(rows, 0)),
+                # With lists, the rows' images alone: their captions are encoded one by one.
+                lambda rows: encode(self.builder(rows, 0, with_captions=captions is None)),
                 captions=captions,
             )
         barrier()

@@ -78,14 +78,14 @@ class PriorStage(Stage):
 
     @torch.no_grad()
     def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Text and image encoder outputs; a batch of captions alone (the embeddings cache's
-        extra captions) gives the text ones."""
-        out = self.text_encoder(batch["text_input_ids"])
-        enc = {
-            "text_embeds": out.text_embeds,
-            "text_hidden_states": out.last_hidden_state,
-            "text_mask": batch["text_mask"],
-        }
+        """Text and image encoder outputs, of what the batch holds (the embeddings cache encodes
+        a list of captions apart from its image)."""
+        enc = {}
+        if "text_input_ids" in batch:
+            out = self.text_encoder(batch["text_input_ids"])
+            enc["text_embeds"] = out.text_embeds
+            enc["text_hidden_states"] = out.last_hidden_state
+            enc["text_mask"] = batch["text_mask"]
         if "clip_pixel_values" in batch:
             enc["image_embeds"] = self.image_encoder(batch["clip_pixel_values"]).image_embeds
         return enc
