@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -131,6 +132,8 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads(f.read_text())
     except FileNotFoundError as e:
         raise CheckpointDamaged(path, f"{META_ITEM}/{ck.STATE_FILE} is missing") from e
+    except PermissionError as e:
+        _raise_unreadable(path, e)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointDamaged(path, f"{META_ITEM}/{ck.STATE_FILE} is unreadable: {e}") from e
     if not isinstance(meta, dict):
@@ -145,6 +148,31 @@ def _root_cause(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     text = lines[0].split(" See full TensorStore details")[0] if lines else type(e).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _is_damage(e: BaseException) -> bool:
+    """Whether a failed read means missing or corrupt files (what a fallback to an older
+    checkpoint can fix), as opposed to memory, a bad argument or a bug."""
+    for x in ck.exception_chain(e):
+        if isinstance(x, MemoryError) or "RESOURCE_EXHAUSTED" in str(x):
+            return False
+    for x in ck.exception_chain(e):
+        if isinstance(x, PermissionError):
+            return False
+        if isinstance(x, OSError | EOFError | json.JSONDecodeError | UnicodeDecodeError):
+            return True
+        if _TENSORSTORE_DAMAGE.search(str(x)):
+            return True
+    return False
+
+
+def _raise_unreadable(path: Path, e: BaseException) -> None:
+    """A checkpoint this user may not read is intact: say so, with the fix."""
+    for x in ck.exception_chain(e):
+        if isinstance(x, PermissionError):
+            raise UserError(
+                f"checkpoint {path} cannot be read ({x}); give this user read access to it"
+            ) from e
 
 
 def _describe_damage(e: BaseException) -> str:
@@ -173,6 +201,10 @@ def _is_aborted_read_report(unraisable) -> bool:
 _ORBAX_DIR = f"{Path(ocp.__file__).parent}"
 # tensorstore's I/O failures: what CheckpointDamaged and a failed save report in one line.
 _TENSORSTORE_IO = re.compile(r"\b[A-Z_]+: Error (reading|writing)\b")
+# What tensorstore and orbax say of missing or corrupt checkpoint files.
+_TENSORSTORE_DAMAGE = re.compile(
+    r"\b(DATA_LOSS|NOT_FOUND|OUT_OF_RANGE|FAILED_PRECONDITION): |Error (reading|opening|decoding)"
+)
 
 
 class _DropReportedIOErrors(logging.Filter):
@@ -203,6 +235,10 @@ def _drop_aborted_read_reports() -> None:
 
     hook.drops_aborted_reads = True
     sys.unraisablehook = hook
+
+
+def _absolute(path: str | Path) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(path)))
 
 
 def _name(path) -> str:
@@ -251,7 +287,9 @@ class CheckpointStore:
     def __init__(self, output_dir: str | Path, max_to_keep: int | None, async_save: bool = True):
         if max_to_keep is not None and max_to_keep < 1:
             raise UserError(f"--checkpoints_total_limit {max_to_keep}: keep at least 1 checkpoint")
-        self.output_dir = Path(output_dir)
+        # orbax (tensorstore) takes absolute paths only: resolved here too, so that no caller's
+        # relative path turns a good checkpoint into a "damaged" one.
+        self.output_dir = _absolute(output_dir)
         self.max_to_keep = max_to_keep
         self.async_save = async_save
         self._manager: ocp.CheckpointManager | None = None
@@ -379,7 +417,7 @@ class CheckpointStore:
                     f"{names or 'none (none saved yet)'}"
                 )
         else:
-            path = Path(step_or_path)
+            path = _absolute(step_or_path)
             if not path.is_dir():
                 raise UserError(f"checkpoint {path} does not exist")
         reason = ck.incomplete_reason(path, BACKEND)
@@ -400,6 +438,9 @@ class CheckpointStore:
             metadata = self._get_reader().metadata(epath.Path(path)).item_metadata
             tree = metadata.get(STATE_ITEM) if metadata is not None else None
         except Exception as e:
+            _raise_unreadable(path, e)
+            if not _is_damage(e):
+                raise
             raise CheckpointDamaged(path, f"{STATE_ITEM}/ metadata: {_root_cause(e)}") from e
         if tree is None:
             return set()  # only the tree metadata file is gone; the restore finds out about that
@@ -447,8 +488,9 @@ class CheckpointStore:
         try:
             restored = self._get_reader().restore(epath.Path(path), args=args)
         except Exception as e:
-            if "RESOURCE_EXHAUSTED" in str(e) or isinstance(e, MemoryError):
-                raise  # out of memory is not the checkpoint's fault
+            _raise_unreadable(path, e)
+            if not _is_damage(e):
+                raise  # out of memory, a bug, ...: not the checkpoint's fault, never "damaged"
             raise CheckpointDamaged(path, _describe_damage(e)) from e
         state = restored[STATE_ITEM]
         if legacy:  # same leaves in the same order, one dict level deeper

@@ -133,7 +133,8 @@ def stale_temp_dirs(output_dir: str | Path) -> list[Path]:
     return sorted(root.glob(".checkpoint-*.tmp")) if root.is_dir() else []
 
 
-def _chain(e: BaseException):
+def exception_chain(e: BaseException):
+    """`e` and its causes and contexts, outermost first."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -142,29 +143,51 @@ def _chain(e: BaseException):
 
 
 def _disk_full(e: BaseException, folder: Path) -> bool:
-    for x in _chain(e):
+    for x in exception_chain(e):
         if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if "No space left on device" in str(x) or "os_error_code='28'" in str(x):
             return True
-    try:  # torch.save reports a full disk as a zip writer position mismatch, for instance
+    if any(isinstance(x, OSError) and x.errno for x in exception_chain(e)):
+        return False  # the OS said what went wrong, and it was not space
+    # torch.save reports a full disk as a zip writer failure without an errno: then the space
+    # left decides.
+    text = " ".join(str(x) for x in exception_chain(e))
+    if "PytorchStreamWriter" not in text and "file write failed" not in text:
+        return False
+    try:
         return shutil.disk_usage(folder).free < 1 << 20
     except OSError:
         return False
 
 
+def _denied(e: BaseException) -> bool:
+    for x in exception_chain(e):
+        if isinstance(x, PermissionError) or (
+            isinstance(x, OSError) and x.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        ):
+            return True
+        if "Permission denied" in str(x) or "Read-only file system" in str(x):
+            return True
+    return False
+
+
 def write_failed(
     path: str | Path, error: BaseException, backend: str = "torch", what: str | None = None
 ) -> UserError:
-    """One line for a checkpoint (or, `what`, the final export) that could not be written: why,
-    and what is still safe."""
+    """One line for a checkpoint (or, `what`, the final export) that could not be written: the
+    real cause, what is still safe, and the fix for that cause."""
     path = Path(path)
     root = path.parent
     if _disk_full(error, root):
-        reason = "no space left on the device"
+        reason, fix = "no space left on the device", "free space"
+    elif _denied(error):
+        reason = "permission denied"
+        fix = f"make {root} writable for this user"
     else:
         text = " ".join(str(error).split()) or type(error).__name__
         reason = text if len(text) <= 200 else text[:197] + "..."
+        fix = "fix that"
     found = complete_checkpoints(root, backend)
     kept = (
         f"{found[-1][1].name} is the newest complete checkpoint"
@@ -172,7 +195,7 @@ def write_failed(
         else "no checkpoint was completed yet"
     )
     return UserError(
-        f"writing {what or path.name} in {root} failed ({reason}); {kept}: free space, then rerun "
+        f"writing {what or path.name} in {root} failed ({reason}); {kept}: {fix}, then rerun "
         "with --resume_from_checkpoint latest"
     )
 

@@ -9,11 +9,13 @@ transformers.HfArgumentParser: command-line flags, or a single .json / .yaml fil
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from transformers import HfArgumentParser
 
 from kandinsky_common.errors import UserError
@@ -76,7 +78,7 @@ class TrainConfig:
     # --- hub, logging, precision --------------------------------------------------------------
     push_to_hub: bool = _f(False, "Upload the result to the Hugging Face hub.")
     hub_token: str | None = _f(None, "Hub token.")
-    hub_model_id: str | None = _f(None, "Hub repo id (default: basename of output_dir).")
+    hub_model_id: str | None = _f(None, "Hub repo id; unset: the basename of output_dir.")
     logging_dir: str = _f("logs", "Tracker log directory, inside output_dir.")
     mixed_precision: str | None = _f(None, "Mixed precision.", choices=("no", "fp16", "bf16"))
     report_to: str = _f("tensorboard", "Tracker.", choices=REPORT_TO)
@@ -92,7 +94,7 @@ class TrainConfig:
     backend: str = _f("flax", "Training backend.", choices=BACKENDS)
     prediction_type: str | None = _f(
         None,
-        "Decoder target: epsilon or v_prediction (default: the decoder scheduler's).",
+        "Decoder target: epsilon or v_prediction; unset: the decoder scheduler's.",
         choices=("epsilon", "v_prediction"),
     )
     lr_step_rules: str | None = _f(
@@ -100,7 +102,7 @@ class TrainConfig:
     )
     validation_steps: int = _f(20, "Decoder denoising steps of validation images.")
     mesh_shape: str | None = _f(
-        None, "flax: device mesh, e.g. 'data=4,fsdp=2' (default: every device on 'data')."
+        None, "flax: device mesh, e.g. 'data=4,fsdp=2'; unset: every device on 'data'."
     )
     coordinator_address: str | None = _f(
         None, "flax multi-host: host:port of process 0 (TPU pods detect it themselves)."
@@ -152,28 +154,143 @@ class _Parser(HfArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def _description(stage: str) -> str:
+    return (
+        f"Fine-tune the Kandinsky 2.2 {stage} with the flags of diffusers' "
+        f"train_text_to_image_{stage}.py, plus --backend flax|torch and the flags marked in the "
+        "README. Flags may also come from a JSON or YAML file given first (keys are flag names); "
+        "flags after it override the file."
+    )
+
+
+def _load_config_file(path: Path) -> dict:
+    """The flags in a .json/.yaml file, as a dict of flag name -> value (syntax checked)."""
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass the path of a .json/.yaml file")
+    try:
+        text = path.read_text()
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"config file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+            "fix that line"
+        ) from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(
+            f"config file {path} is not valid YAML ({where}{problem}); fix that line"
+        ) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} cannot be read ({e})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(
+            f"config file {path} holds a {type(data).__name__}, not a mapping of flag names to "
+            "values; write one `flag_name: value` per line"
+        )
+    return data
+
+
+def _file_to_argv(path: Path, data: dict) -> list[str]:
+    """The file's flags as command-line tokens, so that argparse converts and checks file values
+    exactly as typed flags (a YAML `1e-5` is a string to PyYAML) and later flags override them."""
+    names = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    argv: list[str] = []
+    for key, value in data.items():
+        if key not in names:
+            raise UserError(
+                f"config file {path}: {key!r} is not a flag of this script; fix the key (flag "
+                "names without dashes, see --help)"
+            )
+        if value is None:
+            continue  # the flag's default; every default that None could mean is None already
+        if isinstance(value, dict) or (
+            isinstance(value, list) and any(isinstance(v, list | dict) for v in value)
+        ):
+            raise UserError(
+                f"config file {path}: {key} must be a single value or a list of strings, got "
+                f"{value!r}"
+            )
+        if isinstance(value, list):
+            if value:
+                argv += [f"--{key}", *map(str, value)]
+            continue
+        argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+def resolve_paths(cfg: TrainConfig) -> None:
+    """Make every path flag absolute, once, so that no later code depends on the working
+    directory (orbax refuses relative paths; a subprocess or chdir would reinterpret them).
+
+    `~` is expanded everywhere. Folders that may be hub names (models, `--dataset_name`) become
+    absolute only when they exist here, so a hub name still reaches the "not a local folder"
+    message as typed. `--logging_dir` is relative to output_dir, as in diffusers.
+    `--resume_from_checkpoint` becomes absolute when it names an existing path; otherwise it is a
+    checkpoint name inside output_dir (or 'latest').
+    """
+
+    def absolute(p: str) -> str:
+        return os.path.abspath(os.path.expanduser(p))
+
+    def absolute_if_here(p: str | None) -> str | None:
+        if p is None or not os.path.exists(os.path.expanduser(p)):
+            return p
+        return absolute(p)
+
+    cfg.output_dir = absolute(cfg.output_dir)
+    cfg.logging_dir = os.path.join(cfg.output_dir, os.path.expanduser(cfg.logging_dir))
+    for name in ("train_data_dir", "embeddings_cache", "cache_dir"):
+        value = getattr(cfg, name)
+        if value:
+            setattr(cfg, name, absolute(value))
+    if cfg.compile_cache_dir:  # '' disables the cache
+        cfg.compile_cache_dir = absolute(cfg.compile_cache_dir)
+    for name in (
+        "pretrained_prior_model_name_or_path",
+        "pretrained_decoder_model_name_or_path",
+        "dataset_name",
+    ):
+        setattr(cfg, name, absolute_if_here(getattr(cfg, name)))
+    if cfg.resume_from_checkpoint not in (None, "latest"):
+        cfg.resume_from_checkpoint = absolute_if_here(cfg.resume_from_checkpoint)
+
+
 def parse_config(argv: list[str] | None, stage: str) -> TrainConfig:
-    """Flags, or one .json/.yaml file, -> a validated TrainConfig for `stage`."""
-    argv = sys.argv[1:] if argv is None else argv
-    parser = _Parser(TrainConfig, prog=f"train_text_to_image_{stage}.py")
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        path = Path(argv[0])
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
+    """Flags, or a .json/.yaml file followed by flags that override it, -> a validated
+    TrainConfig for `stage` with absolute paths."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _Parser(
+        TrainConfig, prog=f"train_text_to_image_{stage}.py", description=_description(stage)
+    )
+    if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
+        path = Path(argv[0]).expanduser()
         try:
-            if path.suffix == ".json":
-                (cfg,) = parser.parse_json_file(str(path), allow_extra_keys=False)
-            else:
-                (cfg,) = parser.parse_yaml_file(str(path), allow_extra_keys=False)
-        except (ValueError, TypeError) as e:
+            file_argv = _file_to_argv(path, _load_config_file(path))
+            (cfg, rest) = parser.parse_args_into_dataclasses(
+                args=file_argv, return_remaining_strings=True
+            )
+        except UserError as e:
+            if str(e).startswith("config file"):
+                raise
             raise UserError(f"config file {path}: {e}") from e
-    else:
-        (cfg, rest) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-        if rest:
-            raise UserError(f"unrecognized arguments: {' '.join(rest)} (see --help)")
+        argv = file_argv + argv[1:]
+    (cfg, rest) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        raise UserError(f"unrecognized arguments: {' '.join(rest)} (see --help)")
     env_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_rank != -1:
         cfg.local_rank = env_rank
+    resolve_paths(cfg)
     validate(cfg, stage)
     return cfg
 

@@ -18,14 +18,17 @@ def script_env() -> dict:
     return env
 
 
-def run_script(name: str, *args, check=True, timeout=600) -> subprocess.CompletedProcess:
-    """Run scripts/<name> with this interpreter, as a user would."""
+def run_script(
+    name: str, *args, check=True, timeout=600, cwd=ROOT, env=None
+) -> subprocess.CompletedProcess:
+    """Run scripts/<name> with this interpreter, as a user would: from `cwd` (where relative
+    paths in `args` are taken from)."""
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / name), *map(str, args)],
         capture_output=True,
         text=True,
-        env=script_env(),
-        cwd=ROOT,
+        env=env or script_env(),
+        cwd=cwd,
         timeout=timeout,
     )
     if check and proc.returncode != 0:
