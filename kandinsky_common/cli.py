@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 
-from kandinsky_common.errors import UserError, run_cli
+from kandinsky_common.errors import INTERRUPTED, UserError, run_cli
 from kandinsky_common.flags import parse_config
 
 
@@ -26,6 +26,13 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         if summary.get("output_dir"):
             shown = {k: v for k, v in summary.items() if k not in ("losses", "update_seconds")}
             print(json.dumps(shown))
-        return 0
+        # A first Ctrl-C saves a checkpoint and stops cleanly; the shell still learns that the
+        # user interrupted the command (SIGTERM, a preemption, exits 0 for the scheduler).
+        return INTERRUPTED if summary.get("stopped_by") == "SIGINT" else 0
 
-    return run_cli(_main, argv)
+    return run_cli(
+        _main,
+        argv,
+        interrupted="stopped at once, without a checkpoint of the running update; the complete "
+        "checkpoints in --output_dir are kept: rerun with --resume_from_checkpoint latest",
+    )

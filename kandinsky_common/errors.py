@@ -14,12 +14,23 @@ class UserError(Exception):
     """
 
 
-def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run `main(argv)`; a UserError becomes one `error:` line on stderr and exit status 2."""
+INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
+
+
+def run_cli(
+    main: Callable[[list[str] | None], int | None],
+    argv: list[str] | None = None,
+    interrupted: str = "nothing was written after the interruption",
+) -> int:
+    """Run `main(argv)`; a UserError becomes one `error:` line on stderr and exit status 2, and
+    Ctrl-C (KeyboardInterrupt) one `interrupted:` line with `interrupted` and status 130."""
     try:
         code = main(argv)
     except UserError as e:
         msg = " ".join(str(e).split())
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted (Ctrl-C): {interrupted}", file=sys.stderr)
+        return INTERRUPTED
     return int(code or 0)

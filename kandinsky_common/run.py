@@ -7,6 +7,7 @@ writes nothing, so a mistake exits before output_dir is touched.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from kandinsky_common.cache import (
 from kandinsky_common.data import load_train_dataset
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
+from kandinsky_common.folders import write_json
 from kandinsky_common.preprocess import (
     BatchBuilder,
     caption_choice,
@@ -74,6 +76,11 @@ class RunPlan:
             self.end_of_epoch(m) and self.position(m)[0] % cfg.validation_epochs == 0
             for m in micros
         )
+
+    @property
+    def finished(self) -> bool:
+        """The checkpoint resumed from already holds every update: the run only exports."""
+        return self.start_micro >= self.stop_micro
 
     def batch(self, micro: int) -> dict[str, np.ndarray]:
         """This process's numpy batch of micro-step `micro`: a pure function of the position
@@ -166,6 +173,28 @@ class RunPlan:
         return repr((self.builder.clip, self.builder.resolution, self.builder.image_column))
 
 
+# What a resume of a finished run prints (both backends).
+NOTHING_LEFT = (
+    "checkpoint-{step} already holds all {step} updates of this run: nothing to train; writing "
+    "the pipeline folder in {out} again (pass a larger --max_train_steps to train on)"
+)
+
+
+def write_summary(out: Path, summary: dict, losses: list[float]) -> None:
+    """train_summary.json, with the first and last loss of this invocation's updates. A resume
+    that had nothing left to train keeps the losses the file already records."""
+    path = Path(out) / "train_summary.json"
+    if losses:
+        summary.update(loss_first=losses[0], loss_last=losses[-1])
+    else:
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError):
+            before = {}
+        summary.update(loss_first=before.get("loss_first"), loss_last=before.get("loss_last"))
+    write_json(path, summary)
+
+
 def plan_run(
     cfg: TrainConfig,
     spec: StageSpec,
@@ -236,6 +265,18 @@ def plan_run(
     accum = cfg.gradient_accumulation_steps
     updates_per_epoch = math.ceil(sampler.steps_per_epoch / accum)
     max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * updates_per_epoch
+    done = int(resumed_state["global_step"]) if resumed_state else 0
+    if done > max_train_steps:
+        flag = (
+            f"--max_train_steps {max_train_steps}"
+            if cfg.max_train_steps
+            else f"--num_train_epochs {cfg.num_train_epochs} ({max_train_steps} updates)"
+        )
+        raise UserError(
+            f"{resume} has {done} updates, more than {flag}: there is nothing to train; pass "
+            f"--max_train_steps above {done} to train on, or export it with `python "
+            f"scripts/export_checkpoint.py --checkpoint {resume} --output DIR`"
+        )
     return RunPlan(
         spec=spec,
         backend=backend,

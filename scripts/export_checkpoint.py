@@ -5,6 +5,7 @@ python scripts/export_checkpoint.py --checkpoint OUT/checkpoint-500 --output OUT
 """
 
 import argparse
+import os
 import sys
 
 from kandinsky_common.checkpoints import read_state
@@ -18,6 +19,9 @@ def main(argv=None):
     p.add_argument("--no_ema", action="store_true", help="export the live weights, not the EMA")
     p.error = lambda msg: (_ for _ in ()).throw(UserError(f"{msg} (see --help)"))
     a = p.parse_args(argv)
+    a.checkpoint, a.output = (
+        os.path.abspath(os.path.expanduser(x)) for x in (a.checkpoint, a.output)
+    )
     backend = read_state(a.checkpoint).get("backend")
     if backend == "flax":
         from flax_kandinsky.export import export_checkpoint

@@ -24,12 +24,11 @@ from kandinsky_common import noise as noise_stream
 from kandinsky_common.checkpoints import write_failed
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
-from kandinsky_common.folders import write_json
 from kandinsky_common.hub import check_hub, push_folder
 from kandinsky_common.lr_schedules import learning_rate_at
 from kandinsky_common.preemption import PreemptionGuard
 from kandinsky_common.preprocess import Prefetcher
-from kandinsky_common.run import RunPlan, plan_run
+from kandinsky_common.run import NOTHING_LEFT, RunPlan, plan_run, write_summary
 from kandinsky_common.tracking import Tracker
 
 
@@ -181,6 +180,8 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         skipped = int(meta.get("skipped_updates", 0))
         if main:
             print(f"resumed from {store.path(global_step)} at update {global_step}")
+            if plan.finished:
+                print(NOTHING_LEFT.format(step=global_step, out=out))
     tracker = None
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +228,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
     validate = Validator(cfg, stage_name)
     source = Prefetcher(device_batches(mesh, host_batches(plan, stage, global_step, shape)), 2)
     try:
-        with PreemptionGuard() as guard:
+        with PreemptionGuard(sigint=True) as guard:
             for update, g_batch, g_noise, g_t in source:
                 state, metrics = step.fn(state, consts, g_batch, g_noise, g_t)
                 global_step = update + 1
@@ -265,7 +266,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                 f"stopped by {guard.signal_name} after update {global_step}; resume with "
                 "--resume_from_checkpoint latest"
             )
-        summary["preempted"] = True
+        summary.update(preempted=True, stopped_by=guard.signal_name)
         store.close()
         return summary
     final = _gather_to_host(state["ema"] if cfg.use_ema else state["params"])
@@ -279,13 +280,8 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
             raise write_failed(out / "export", e, "flax", what="the final pipeline folder") from e
         if cfg.validation_prompts:
             validate(final, global_step, tracker)
-        summary.update(
-            loss_first=losses[0] if losses else None,
-            loss_last=losses[-1] if losses else None,
-            seconds=round(time.perf_counter() - t0, 2),
-            output_dir=str(out.resolve()),
-        )
-        write_json(out / "train_summary.json", summary)
+        summary.update(seconds=round(time.perf_counter() - t0, 2), output_dir=str(out))
+        write_summary(out, summary, losses)
         summary["losses"] = losses  # in-process callers (tests) get every update's loss
         summary["update_seconds"] = np.diff([t0, *done]).tolist()
         if tracker is not None:

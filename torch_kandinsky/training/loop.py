@@ -18,10 +18,10 @@ from kandinsky_common import checkpoints as ckpt_files
 from kandinsky_common import noise as noise_stream
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
-from kandinsky_common.folders import check_pipeline_folder, write_json
+from kandinsky_common.folders import check_pipeline_folder
 from kandinsky_common.hub import check_hub, push_folder
 from kandinsky_common.preemption import PreemptionGuard
-from kandinsky_common.run import plan_run
+from kandinsky_common.run import NOTHING_LEFT, plan_run, write_summary
 from torch_kandinsky import checkpoint as ckpt
 from torch_kandinsky import validation
 from torch_kandinsky.export import export_pipeline
@@ -144,6 +144,8 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         resumed = ckpt.resume(accelerator, plan, model, cfg.resume_from_checkpoint)
         global_step = resumed["global_step"]
         accelerator.print(f"resumed from {plan.resume} at update {global_step}")
+        if plan.finished:
+            accelerator.print(NOTHING_LEFT.format(step=global_step, out=out))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         tracker_cfg = {
@@ -173,7 +175,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
     if cfg.skip_nonfinite_updates:
         skips = SkippedUpdates((resumed or {}).get("skipped_updates", 0))
     preempted = False
-    guard = PreemptionGuard()
+    guard = PreemptionGuard(sigint=True)
     try:
         guard.__enter__()
         for k, batch in enumerate(loader):
@@ -250,7 +252,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
             "with --resume_from_checkpoint latest"
         )
         accelerator.end_training()
-        return {**summary, "preempted": True}
+        return {**summary, "preempted": True, "stopped_by": guard.signal_name}
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         if ema is not None:
@@ -263,13 +265,8 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         if cfg.validation_prompts:
             _validate(accelerator, cfg, stage, model, None, global_step)
         elapsed = time.perf_counter() - t0
-        summary.update(
-            loss_first=losses[0] if losses else None,
-            loss_last=losses[-1] if losses else None,
-            seconds=round(elapsed, 2),
-            output_dir=str(out.resolve()),
-        )
-        write_json(out / "train_summary.json", summary)
+        summary.update(seconds=round(elapsed, 2), output_dir=str(out))
+        write_summary(out, summary, losses)
         summary["losses"] = losses  # in-process callers (tests) get every update's loss
         summary["update_seconds"] = np.diff([t0, *done]).tolist()
         if cfg.push_to_hub:
