@@ -112,7 +112,10 @@ class EmbeddingCache:
         """A new, empty cache whose arrays are shaped like the rows of `first` (and, with
         `offsets`, per-caption arrays shaped like the entries of `first_entries`)."""
         if folder.exists():
-            print(f"embeddings cache {folder} is stale (encoders, data or settings changed)")
+            print(
+                f"embeddings cache {folder} was made for other encoders, data or settings, or "
+                "is incomplete: rebuilding it"
+            )
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         specs = {}

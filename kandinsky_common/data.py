@@ -240,6 +240,20 @@ def _train_split(loaded, name: str) -> datasets.Dataset:
     return loaded["train"]
 
 
+_DATASET_FILES = (".parquet", ".arrow", ".jsonl", ".json", ".csv")
+
+
+def _looks_like_a_dataset(root: Path) -> bool:
+    """Data files or a save_to_disk folder: what --dataset_name reads."""
+    if (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file():
+        return True
+    return any(
+        os.path.splitext(f)[1].lower() in _DATASET_FILES
+        for _, _, files in os.walk(root)
+        for f in files
+    )
+
+
 def _load_imagefolder(train_data_dir: str, cache_dir: str | None) -> datasets.Dataset:
     root = Path(train_data_dir).expanduser()
     if not root.exists():
@@ -262,6 +276,12 @@ def _load_imagefolder(train_data_dir: str, cache_dir: str | None) -> datasets.Da
             f"--train_data_dir {train_data_dir!r} is empty; put the training images in it"
         )
     if not has_image:
+        if _looks_like_a_dataset(root):
+            raise UserError(
+                f"--train_data_dir {train_data_dir!r} holds a dataset (parquet/arrow/json "
+                "files or a save_to_disk folder), not image files; pass it as --dataset_name "
+                f"{train_data_dir!r}"
+            )
         raise UserError(
             f"--train_data_dir {train_data_dir!r} holds no image files (.png, .jpg, .webp, ...); "
             "put the training images in it"

@@ -42,5 +42,6 @@ for stage in ("prior", "decoder"):
     print(f"{stage:8s} loss {s['loss_first']:.4f} -> {s['loss_last']:.4f} over {s['updates']} "
           f"updates ({s['backend']}, {s['seconds']} s); diffusers folder: {s['output_dir']}")
 print("sample image:", open(f"{out}/samples.txt").read().strip())
-print("tensorboard logs:", f"{out}/prior-finetuned/logs", f"{out}/decoder-finetuned/logs")
+print("tensorboard logs:", f"tensorboard --logdir {out}/prior-finetuned/logs",
+      f"(and {out}/decoder-finetuned/logs)")
 PYEOF

@@ -14,6 +14,7 @@ from PIL import Image
 
 from kandinsky_common.data import load_train_dataset
 from kandinsky_common.errors import UserError
+from tests.helpers import run_script, train_args
 
 
 def _image(path, h=24, w=32, seed=0):
@@ -252,3 +253,33 @@ print("torch" in sys.modules, "jax" in sys.modules)
         "1 0 (3, 3, 32, 32) (3, 3, 224, 224)",
         "False False",
     ]
+
+
+def test_a_dataset_passed_as_train_data_dir_points_to_dataset_name(tmp_path):
+    ds = datasets.Dataset.from_dict({"image": [None], "text": ["x"]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "pq").mkdir()
+    ds.to_parquet(str(tmp_path / "pq" / "train.parquet"))
+    for name in ("saved", "pq"):
+        with pytest.raises(
+            UserError, match=f"holds a dataset .*pass it as --dataset_name .*{name}"
+        ):
+            load(tmp_path, data_dir=str(tmp_path / name))
+
+
+def test_train_data_dir_on_a_dataset_through_the_script(tmp_path, tiny_folders):
+    datasets.Dataset.from_dict({"image": [None], "text": ["x"]}).save_to_disk(str(tmp_path / "ds"))
+    prior, decoder = tiny_folders
+    proc = run_script(
+        "train_text_to_image_prior.py",
+        *train_args(prior, decoder, "ds", "out", report_to="none"),
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    ds = str(tmp_path / "ds")  # paths are absolute from the flag parse on
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --train_data_dir '{ds}' holds a dataset (parquet/arrow/json files or a "
+        f"save_to_disk folder), not image files; pass it as --dataset_name '{ds}'"
+    )
+    assert not (tmp_path / "out").exists()

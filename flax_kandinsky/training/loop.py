@@ -187,7 +187,14 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         tracker_cfg = {k: str(v) for k, v in dataclasses.asdict(cfg).items()}
         tracker = (
-            Tracker(cfg.report_to, out / cfg.logging_dir, cfg.tracker_project_name, tracker_cfg)
+            # accelerate's layout (the torch backend's and the reference's): one tensorboard
+            # opened on logs/ shows runs of both backends side by side.
+            Tracker(
+                cfg.report_to,
+                Path(cfg.logging_dir) / cfg.tracker_project_name,
+                cfg.tracker_project_name,
+                tracker_cfg,
+            )
             if cfg.report_to != "none"
             else None
         )
