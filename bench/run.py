@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.worker import PREFIX, SKIP, steady
+from kandinsky_common.folders import user_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -195,7 +196,7 @@ def parse_args(argv=None):
         "backends, side by side on this machine (fp32, one process, one device).",
     )
     p.add_argument(
-        "--out", type=Path, required=True, help="folder for bench_results.json, logs, scratch"
+        "--out", type=user_path, required=True, help="folder for bench_results.json, logs, scratch"
     )
     p.add_argument("--stages", default="prior,decoder", help="comma-separated: prior,decoder")
     p.add_argument("--sizes", default="tiny,small", help="comma-separated: tiny,small")
@@ -224,7 +225,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    out = a.out.resolve()
+    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     print("fp32 matmul peak (numpy, jax, torch) ...", flush=True)

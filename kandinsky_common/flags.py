@@ -19,6 +19,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from kandinsky_common.errors import UserError
+from kandinsky_common.folders import user_path
 from kandinsky_common.lr_schedules import LR_SCHEDULER_NAMES
 
 LR_SCHEDULERS = LR_SCHEDULER_NAMES
@@ -239,22 +240,19 @@ def resolve_paths(cfg: TrainConfig) -> None:
     checkpoint name inside output_dir (or 'latest').
     """
 
-    def absolute(p: str) -> str:
-        return os.path.abspath(os.path.expanduser(p))
-
     def absolute_if_here(p: str | None) -> str | None:
         if p is None or not os.path.exists(os.path.expanduser(p)):
             return p
-        return absolute(p)
+        return user_path(p)
 
-    cfg.output_dir = absolute(cfg.output_dir)
+    cfg.output_dir = user_path(cfg.output_dir)
     cfg.logging_dir = os.path.join(cfg.output_dir, os.path.expanduser(cfg.logging_dir))
     for name in ("train_data_dir", "embeddings_cache", "cache_dir"):
         value = getattr(cfg, name)
         if value:
-            setattr(cfg, name, absolute(value))
+            setattr(cfg, name, user_path(value))
     if cfg.compile_cache_dir:  # '' disables the cache
-        cfg.compile_cache_dir = absolute(cfg.compile_cache_dir)
+        cfg.compile_cache_dir = user_path(cfg.compile_cache_dir)
     for name in (
         "pretrained_prior_model_name_or_path",
         "pretrained_decoder_model_name_or_path",

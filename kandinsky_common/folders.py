@@ -36,6 +36,12 @@ def read_json(path: str | os.PathLike) -> dict:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
 
 
+def user_path(path: str | os.PathLike) -> str:
+    """A path as the user typed it (relative, `~`, spaces, symlinks kept), made absolute once:
+    also the argparse `type` of every path option of the scripts."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def write_json(path: str | os.PathLike, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 

@@ -5,23 +5,25 @@ python scripts/export_checkpoint.py --checkpoint OUT/checkpoint-500 --output OUT
 """
 
 import argparse
-import os
 import sys
 
 from kandinsky_common.checkpoints import read_state
 from kandinsky_common.errors import UserError, run_cli
+from kandinsky_common.folders import user_path
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint-N folder of either backend")
-    p.add_argument("--output", required=True, help="new folder for the pipeline")
+    p.add_argument(
+        "--checkpoint",
+        type=user_path,
+        required=True,
+        help="a checkpoint-N folder of either backend",
+    )
+    p.add_argument("--output", type=user_path, required=True, help="new folder for the pipeline")
     p.add_argument("--no_ema", action="store_true", help="export the live weights, not the EMA")
     p.error = lambda msg: (_ for _ in ()).throw(UserError(f"{msg} (see --help)"))
     a = p.parse_args(argv)
-    a.checkpoint, a.output = (
-        os.path.abspath(os.path.expanduser(x)) for x in (a.checkpoint, a.output)
-    )
     backend = read_state(a.checkpoint).get("backend")
     if backend == "flax":
         from flax_kandinsky.export import export_checkpoint

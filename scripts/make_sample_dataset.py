@@ -13,12 +13,15 @@ import argparse
 import sys
 
 from kandinsky_common.errors import run_cli
+from kandinsky_common.folders import user_path
 from kandinsky_common.sample_data import build_sample_dataset
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", required=True, help="new or empty folder to write the dataset to")
+    p.add_argument(
+        "--out", type=user_path, required=True, help="new or empty folder to write the dataset to"
+    )
     p.add_argument("--num_images", type=int, default=32, help="number of images (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the crops and sizes")
     return p.parse_args(argv)

@@ -12,11 +12,14 @@ import argparse
 import sys
 
 from kandinsky_common.errors import run_cli
+from kandinsky_common.folders import user_path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", required=True, help="folder to create prior/ and decoder/ in")
+    p.add_argument(
+        "--out", type=user_path, required=True, help="folder to create prior/ and decoder/ in"
+    )
     p.add_argument("--size", choices=("tiny", "small"), default="tiny", help="model configs")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the random weights")
     return p.parse_args(argv)

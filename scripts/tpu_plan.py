@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from kandinsky_common.errors import UserError, run_cli
+from kandinsky_common.folders import user_path
 
 REMAT = {"on": True, "off": False, "full": "full"}  # on = the models' gradient checkpointing
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         help="per stage, or stage:feeding (decoder:step=0 skips that search)",
     )
     p.add_argument("--size", default="real", help="model_configs size (tiny: a quick check)")
-    p.add_argument("--output_dir", default="plans")
+    p.add_argument("--output_dir", type=user_path, default="plans")
     p.add_argument("--in_process", action="store_true", help="no process per compile (tiny)")
 
     def run(args):
