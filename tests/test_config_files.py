@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -72,3 +73,13 @@ def test_config_file_mistakes_are_one_line(tmp_path, name, text, says):
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(f"error: config file {name}") and says in line
     assert os.listdir(tmp_path) == [name]  # nothing written
+
+
+def test_help_has_a_description_and_each_default_once():
+    proc = run_script("train_text_to_image_decoder.py", "--help")
+    assert "Fine-tune the Kandinsky 2.2 decoder" in proc.stdout
+    options = proc.stdout.split("options:", 1)[1]
+    # One option's help runs until the next line that starts an option.
+    helps = re.split(r"\n  -", options)
+    doubled = [h.split()[0] for h in helps if h.count("(default") > 1]
+    assert not doubled

@@ -380,3 +380,26 @@ def test_two_processes_save_and_restore(tmp_path):
         "ocdbt.process_0",
         "ocdbt.process_1",
     }
+
+
+def test_a_read_failure_that_is_not_damage_is_not_called_damaged(tmp_path, mesh, monkeypatch):
+    """Out of memory, a wrong argument, a bug: raised as they are, the checkpoint left alone."""
+    states = saved_store(tmp_path, [1], on_mesh(mesh))
+    store = CheckpointStore(tmp_path, None)
+
+    def fails(*a, **k):
+        raise ValueError("Checkpoint path should be absolute. Got rel/checkpoint-1")
+
+    monkeypatch.setattr(store._get_reader(), "restore", fails)
+    with pytest.raises(ValueError, match="should be absolute") as info:
+        store.restore(tmp_path / "checkpoint-1", abstract(states[1]), stage=STAGE)
+    assert not isinstance(info.value, CheckpointDamaged)
+
+
+def test_relative_paths_restore(tmp_path, mesh, monkeypatch):
+    states = saved_store(tmp_path / "run", [1], on_mesh(mesh))
+    monkeypatch.chdir(tmp_path)
+    state, meta = CheckpointStore("run", None).restore(
+        "run/checkpoint-1", abstract(states[1]), stage=STAGE
+    )
+    assert meta["global_step"] == 1
