@@ -262,8 +262,8 @@ def _names_and_leaves(abstract_state: Any) -> dict[str, Any]:
 
 
 def _as_written_before_pure_dicts(abstract_state: Any, legacy: set[str]) -> Any:
-    """The restore target of a checkpoint written while the state held nnx Variables (before
-    2026-11-22): each of those arrays is stored under a trailing `.value`."""
+    """The restore target of a checkpoint written while the train state held nnx Variables (the
+    older layout): each of those arrays is stored under a trailing `.value`."""
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: {"value": leaf} if _name(path) in legacy else leaf, abstract_state
     )

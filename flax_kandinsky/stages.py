@@ -1,4 +1,4 @@
-"""What the prior and the decoder stage differ in (DESIGN.md, the stage table), and nothing else.
+"""What the two stages differ in (docs/architecture.md, "Stages"), and nothing else.
 
 Mirrors torch_kandinsky/stages.py. A Stage loads its frozen encoders and its trainable network
 with our Flax ports, out of diffusers folders; `encode`, `x0` and `predict` are pure functions of

@@ -3,7 +3,7 @@
 - `tiny`: the diffusers test dummies (tests/pipelines/kandinsky2_2), except that the text encoder's
   vocabulary is the real CLIP one (49,408) because our fixtures ship the real BPE tokenizer.
 - `small`: a few M parameters per model, for benchmarks.
-- `real`: the published kandinsky-community/kandinsky-2-2-{prior,decoder} configs (spec 5.1).
+- `real`: the published kandinsky-community/kandinsky-2-2-{prior,decoder} configs.
 
 Keys per size: text_encoder, image_encoder (transformers CLIP configs), prior, unet, movq (diffusers
 model configs), prior_scheduler, decoder_scheduler, image_processor.

@@ -9,7 +9,7 @@ K2.2 upload) lets the latents grow to |x| ~ 100 over 25 steps: the random UNet p
 noise, so nothing pulls x0 back. The MoVQ decoder's attention logits then scale with |x|^2, and
 a 1e-7 relative difference in them moves pixels by 1e-2: the images are ill-conditioned in fp32 on
 both sides, not different. Images are therefore compared with clip_sample true (the value the
-decoder's current scheduler config most likely has, spec 5.1), where x0 stays in [-1, 1]; with
+decoder's current scheduler config most likely has), where x0 stays in [-1, 1]; with
 clip_sample false the final latents are compared relative to their size.
 """
 

@@ -1,5 +1,6 @@
-"""Import boundaries (DESIGN.md): flax never imports torch, torch never imports jax, common
-imports neither; checked on every import statement, lazy ones included."""
+"""Import boundaries (docs/architecture.md, "Packages and import boundaries"): flax never imports
+torch, torch never imports jax, common imports neither; checked on every import statement, lazy
+ones included."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def ddpm(**changes) -> DDPMScheduler:
     return DDPMScheduler.from_config({**DECODER_CONFIG, **changes})
 
 
-# --- timestep tables (diffusers' set_timesteps, spec 4) -------------------------------------------
+# --- timestep tables (diffusers' set_timesteps) ---------------------------------------------------
 
 
 def test_unclip_timesteps_are_the_priors_25():

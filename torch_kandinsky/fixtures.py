@@ -1,6 +1,6 @@
 """Randomly initialised Kandinsky 2.2 prior and decoder folders, written by diffusers itself.
 
-The folders have the layout of kandinsky-community/kandinsky-2-2-{prior,decoder} (spec 3 and 5.1)
+The folders have the layout of kandinsky-community/kandinsky-2-2-{prior,decoder}
 at the "tiny" or "small" sizes of kandinsky_common.model_configs, so every loader of the project can
 be tested against what `save_pretrained` really writes, without the hub.
 """

@@ -1,4 +1,4 @@
-"""Flax NNX port of diffusers' PriorTransformer, the Kandinsky 2.2 configuration (spec 6.2).
+"""Flax NNX port of diffusers' PriorTransformer, the Kandinsky 2.2 configuration.
 
 Attribute paths equal the diffusers state-dict keys (`transformer_blocks.3.attn1.to_out.0`,
 `ff.net.0.proj`, ...) with Flax leaf names; flax_kandinsky/convert/prior.py maps one to the other.
