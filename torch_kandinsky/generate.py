@@ -18,10 +18,12 @@ def generate_images(
 ) -> list[Path]:
     prior_dir = check_pipeline_folder(prior, "prior", "--prior")
     decoder_dir = check_pipeline_folder(decoder, "decoder", "--decoder")
+    # float32 whatever the folders hold: the pipelines run on the CPU, and a folder with parts in
+    # several dtypes (exported by an older bf16 run, or a half-precision variant) runs as well.
     prior_pipe = KandinskyV22PriorPipeline.from_pretrained(
-        prior_dir, image_processor=image_processor(prior_dir)
+        prior_dir, image_processor=image_processor(prior_dir), dtype=torch.float32
     )
-    decoder_pipe = KandinskyV22Pipeline.from_pretrained(decoder_dir)
+    decoder_pipe = KandinskyV22Pipeline.from_pretrained(decoder_dir, dtype=torch.float32)
     images = run_pipelines(
         prior_pipe,
         decoder_pipe,

@@ -1,4 +1,4 @@
-"""What the prior and the decoder stage differ in (DESIGN.md, the stage table), and nothing else.
+"""What the two stages differ in (docs/architecture.md, "Stages"), and nothing else.
 
 A Stage loads its frozen encoders and its trainable network from diffusers folders, encodes a numpy
 batch on the device (no grad), turns encoder outputs into x0, predicts with the trainable network,
@@ -31,9 +31,15 @@ def _load(cls, folder: Path, subfolder: str, **kw):
         ) from e
 
 
-def _frozen(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
+def load_frozen(cls, folder: Path, subfolder: str, device, dtype) -> torch.nn.Module:
+    """An encoder that is never trained, loaded straight in `dtype`.
+
+    Loading in the dtype (not `.to(dtype)` after) is what diffusers asks for: its `to()` warns on
+    every cast, and would also cast the modules a model keeps in float32.
+    """
+    module = _load(cls, folder, subfolder, dtype=dtype)
     module.requires_grad_(False)
-    return module.eval().to(device, dtype=dtype)
+    return module.eval().to(device)
 
 
 class Stage:
@@ -62,11 +68,11 @@ class PriorStage(Stage):
         folder = check_pipeline_folder(prior_dir, "prior", "--pretrained_prior_model_name_or_path")
         self.folder = folder
         self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        self.text_encoder = _frozen(
-            _load(CLIPTextModelWithProjection, folder, "text_encoder"), device, weight_dtype
+        self.text_encoder = load_frozen(
+            CLIPTextModelWithProjection, folder, "text_encoder", device, weight_dtype
         )
-        self.image_encoder = _frozen(
-            _load(CLIPVisionModelWithProjection, folder, "image_encoder"), device, weight_dtype
+        self.image_encoder = load_frozen(
+            CLIPVisionModelWithProjection, folder, "image_encoder", device, weight_dtype
         )
         self.model = _load(PriorTransformer, folder, "prior").to(device)
         # clip_mean/clip_std are nn.Parameters that never get a gradient: freezing them keeps them
@@ -127,10 +133,10 @@ class DecoderStage(Stage):
         )
         prior = check_pipeline_folder(prior_dir, "prior", "--pretrained_prior_model_name_or_path")
         self.folder, self.prior_folder = folder, prior
-        self.image_encoder = _frozen(
-            _load(CLIPVisionModelWithProjection, prior, "image_encoder"), device, weight_dtype
+        self.image_encoder = load_frozen(
+            CLIPVisionModelWithProjection, prior, "image_encoder", device, weight_dtype
         )
-        self.movq = _frozen(_load(VQModel, folder, "movq"), device, weight_dtype)
+        self.movq = load_frozen(VQModel, folder, "movq", device, weight_dtype)
         self.model = _load(UNet2DConditionModel, folder, "unet").to(device)
         self.schedule = NoiseSchedule.from_config(
             read_config(folder / "scheduler"), prediction_type=prediction_type

@@ -54,9 +54,14 @@ def generate(stage, model, prompts, *, size, steps, seed, device) -> list[Image.
     was_training = model.training
     model.eval()
     prior_pipe, decoder_pipe = build_pipelines(stage, model)
-    images = run_pipelines(
-        prior_pipe, decoder_pipe, prompts, size=size, steps=steps, seed=seed, device=device
-    )
+    # Under --mixed_precision the frozen parts are bf16/fp16 and the trained network fp32; the
+    # pipelines pass tensors between them in one dtype (the decoder hands the UNet's fp32 latents
+    # to the movq), so they run under autocast, as the training forward does.
+    mixed = stage.weight_dtype != torch.float32
+    with torch.autocast(device.type, dtype=stage.weight_dtype, enabled=mixed):
+        images = run_pipelines(
+            prior_pipe, decoder_pipe, prompts, size=size, steps=steps, seed=seed, device=device
+        )
     model.train(was_training)
     return images
 
