@@ -136,9 +136,12 @@ def _dtypes(folder: Path) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize("stage", ["prior", "decoder"])
 def test_bf16_validation_images(work, stage, request):
-    request.getfixturevalue(f"{stage}_run")
+    run = request.getfixturevalue(f"{stage}_run")
     made = sorted(p.name for p in (work / f"out-{stage}" / "validation").glob("*.png"))
     assert made == ["step-000001.png", "step-000002.png"]
+    # The last update ends an epoch too; it is validated once, after the export.
+    drawn = [line for line in run.stdout.splitlines() if line.startswith("validation images:")]
+    assert [line.rsplit("/", 1)[1] for line in drawn] == made
 
 
 def test_bf16_exports_are_float32_and_generate(work, exports):

@@ -253,7 +253,10 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                 if stop:
                     preempted = True
                     break
-                if plan.validation_due(cfg, range(update * plan.accum, global_step * plan.accum)):
+                # The last update is validated once, after the export, with the final weights.
+                last = global_step == plan.max_train_steps
+                micros = range(update * plan.accum, global_step * plan.accum)
+                if not last and plan.validation_due(cfg, micros):
                     weights = _gather_to_host(state["ema"] if cfg.use_ema else state["params"])
                     if main:
                         validate(weights, global_step, tracker)

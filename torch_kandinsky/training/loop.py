@@ -233,7 +233,9 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                 if stop:  # preemption: the checkpoint is saved, the job ends cleanly
                     preempted = True
                     break
-            if plan.validation_due(cfg, range(m, m + 1)):
+            # The last update is validated once, after the export, with the final weights.
+            last = global_step == max_train_steps
+            if not last and plan.validation_due(cfg, range(m, m + 1)):
                 _validate(accelerator, cfg, stage, model, ema, global_step)
     finally:
         guard.__exit__(None, None, None)
