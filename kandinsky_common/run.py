@@ -180,6 +180,32 @@ NOTHING_LEFT = (
 )
 
 
+def out_of_memory(cfg: TrainConfig, stage: str, what: str) -> UserError:
+    """The line for a training step that does not fit: the sizes that set its memory, the flags
+    that shrink it, and what is safe."""
+    size = f"--resolution {cfg.resolution}, " if stage == "decoder" else ""
+    fix = (
+        "a smaller --resolution or --train_batch_size"
+        if stage == "decoder"
+        else ("a smaller --train_batch_size")
+    )
+    also = [
+        flag
+        for flag, unset in (
+            ("--gradient_checkpointing", not cfg.gradient_checkpointing),
+            ("--mixed_precision bf16", cfg.mixed_precision in (None, "no")),
+        )
+        if unset
+    ]
+    if also:
+        fix += f" ({' and '.join(also)} lower it too)"
+    return UserError(
+        f"the {stage} training step ran out of {what} ({size}--train_batch_size "
+        f"{cfg.train_batch_size} per device); try {fix}; the complete checkpoints in "
+        f"{cfg.output_dir} are kept (--resume_from_checkpoint latest)"
+    )
+
+
 def write_summary(out: Path, summary: dict, losses: list[float]) -> None:
     """train_summary.json, with the first and last loss of this invocation's updates. A resume
     that had nothing left to train keeps the losses the file already records."""

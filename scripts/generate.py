@@ -7,10 +7,50 @@ Prior 25 steps and guidance 4, decoder guidance 4, as diffusers' combined pipeli
 """
 
 import argparse
+import re
+import shlex
 import sys
 from pathlib import Path
 
 from kandinsky_common.errors import UserError, run_cli
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and every option's default (except required ones and None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default in (None, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def check_checkpoint(a) -> None:
+    """--checkpoint reads flax training checkpoints with the flax backend only; anything else gets
+    the one route that works for both: export the checkpoint, sample the exported folder."""
+    from kandinsky_common.checkpoints import checkpoint_backend, read_state
+
+    path = Path(a.checkpoint)
+    written_by = checkpoint_backend(path) if path.is_dir() else None
+    if a.backend == "flax" and written_by != "torch":
+        return  # a flax checkpoint, or the flax loader names what is wrong with the folder
+    stage = read_state(path).get("stage") if written_by else None
+    folder = f"--{stage}" if stage in ("prior", "decoder") else "--prior or --decoder"
+    m = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    out = f"{path.parent}-{m.group(1)}" if m and path.parent.name else "EXPORTED"
+    export = Path(__file__).resolve().with_name("export_checkpoint.py")
+    if export.is_relative_to(Path.cwd()):
+        export = export.relative_to(Path.cwd())
+    ck, export, out = (shlex.quote(str(x)) for x in (a.checkpoint, export, out))
+    why = (
+        f"--backend torch samples pipeline folders, not training checkpoints (--checkpoint {ck})"
+        if a.backend == "torch"
+        else f"--checkpoint {ck} is a torch training checkpoint (--checkpoint takes flax ones)"
+    )
+    raise UserError(
+        f"{why}: export it with `python {export} --checkpoint {ck} --output {out}` and pass "
+        f"{folder} {out} instead (either backend)"
+    )
 
 
 def flax_images(a) -> list:
@@ -18,16 +58,29 @@ def flax_images(a) -> list:
 
     prior = check_pipeline_folder(a.prior, "prior", "--prior")
     decoder = check_pipeline_folder(a.decoder, "decoder", "--decoder")
-    from flax_kandinsky.sampling import Sampler, checkpoint_params
+    from flax_kandinsky.sampling import Sampler, checkpoint_params, memory_failure
 
     trained = {}
     if a.checkpoint is not None:  # the trained network replaces its twin from --prior/--decoder
         stage, params = checkpoint_params(a.checkpoint)
         trained = {"prior_params" if stage == "prior" else "unet_params": params}
-    sampler = Sampler.from_folders(prior, decoder, **trained)
-    return sampler.generate(
-        a.prompt, height=a.size, width=a.size, decoder_steps=a.steps, seed=a.seed
-    )
+    sampler = Sampler.from_folders(prior, decoder, attention=a.attention, **trained)
+    try:
+        return sampler.generate(
+            a.prompt, height=a.size, width=a.size, decoder_steps=a.steps, seed=a.seed
+        )
+    except Exception as e:
+        what = memory_failure(e)
+        if what is None:
+            raise
+        fixes = ["--attention chunked"] if a.attention != "chunked" else []
+        fixes.append(f"a smaller --size (e.g. {max(64, a.size // 2 // 64 * 64)})")
+        fixes += ["fewer prompts"] if len(a.prompt) > 1 else []
+        fixes = " or ".join(fixes) if len(fixes) < 3 else f"{fixes[0]}, {' or '.join(fixes[1:])}"
+        raise UserError(
+            f"generating {len(a.prompt)} image(s) of {a.size}x{a.size} px ran out of {what}; "
+            f"try {fixes}"
+        ) from None
 
 
 def save(images, out_dir: str) -> list[Path]:
@@ -45,36 +98,50 @@ def save(images, out_dir: str) -> list[Path]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--backend", choices=("flax", "torch"), default="flax", help="default: flax")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument(
+        "--backend",
+        choices=("flax", "torch"),
+        default="flax",
+        help="flax: this project's JAX pipelines; torch: diffusers' pipelines",
+    )
     p.add_argument("--prior", required=True, help="prior pipeline folder")
     p.add_argument("--decoder", required=True, help="decoder pipeline folder")
     p.add_argument(
         "--checkpoint",
-        help="flax training checkpoint (checkpoint-N): its network (EMA weights if kept)\n"
-        "replaces the prior or the UNet of --prior/--decoder",
+        help="flax training checkpoint (checkpoint-N) whose network (EMA weights if kept) "
+        "replaces the prior or the UNet of --prior/--decoder; flax backend only (export a torch "
+        "checkpoint with scripts/export_checkpoint.py and pass the folder instead)",
     )
     p.add_argument("--prompt", nargs="+", required=True, help="one image per prompt")
     p.add_argument("--out", required=True, help="output folder for PNGs (and grid.png)")
     p.add_argument("--size", type=int, default=512, help="height and width in pixels")
     p.add_argument("--steps", type=int, default=50, help="decoder denoising steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prior's and decoder's noise")
+    p.add_argument(
+        "--attention",
+        choices=("chunked", "dot"),
+        default="chunked",
+        help="flax: the decoder's attention kernel; 'chunked' equals 'dot' up to 1024 tokens and "
+        "bounds the memory of longer ones (on CPU with XLA's low-memory scheduler)",
+    )
     p.error = lambda msg: (_ for _ in ()).throw(UserError(f"{msg} (see --help)"))
     a = p.parse_args(argv)
     if a.size < 1 or a.steps < 1:
         raise UserError(f"--size {a.size} and --steps {a.steps} must be positive")
+    if a.checkpoint is not None:
+        check_checkpoint(a)
     if a.backend == "torch":
-        if a.checkpoint is not None:
-            raise UserError(
-                "--checkpoint samples a flax checkpoint; for a torch run, export it with "
-                "scripts/export_checkpoint.py and pass the folder as --prior or --decoder"
-            )
         from torch_kandinsky.generate import generate_images
 
         paths = generate_images(
             a.prior, a.decoder, a.prompt, size=a.size, steps=a.steps, seed=a.seed, out_dir=a.out
         )
     else:
+        if a.attention == "chunked":
+            from flax_kandinsky.sampling import use_cpu_low_memory_schedule
+
+            use_cpu_low_memory_schedule()
         paths = save(flax_images(a), a.out)
     for path in paths:
         print(path)

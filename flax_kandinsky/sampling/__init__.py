@@ -9,8 +9,9 @@ from flax_kandinsky.sampling.pipelines import (
     PriorPipeline,
     downscale_height_and_width,
     to_pil,
+    use_cpu_low_memory_schedule,
 )
-from flax_kandinsky.sampling.sampler import Sampler, checkpoint_params
+from flax_kandinsky.sampling.sampler import Sampler, checkpoint_params, memory_failure
 from flax_kandinsky.sampling.schedulers import DDPMScheduler, UnCLIPScheduler, load_scheduler
 
 __all__ = [
@@ -22,5 +23,7 @@ __all__ = [
     "checkpoint_params",
     "downscale_height_and_width",
     "load_scheduler",
+    "memory_failure",
     "to_pil",
+    "use_cpu_low_memory_schedule",
 ]

@@ -14,6 +14,7 @@ Layouts are this package's: decoder latents and noise are NHWC, `(B, h, w, 4)` a
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from PIL import Image
 
 from flax_kandinsky import sharding as sh
 from flax_kandinsky.models.clip import load_image_encoder, load_text_encoder
+from flax_kandinsky.models.layers import set_attention
 from flax_kandinsky.models.movq import load_movq
 from flax_kandinsky.models.prior import load_prior
 from flax_kandinsky.models.unet import load_unet
@@ -39,6 +41,20 @@ from flax_kandinsky.sampling.schedulers import (
 from kandinsky_common.errors import UserError
 from kandinsky_common.folders import check_pipeline_folder
 from kandinsky_common.preprocess import tokenize
+
+# XLA:CPU's default scheduler orders independent ops for concurrency: it started every block of a
+# chunked attention before finishing any (the tiny MoVQ at 512 px, 65536 tokens: 34 GB live instead
+# of 0.4 GB). Its memory-minimising scheduler keeps about one block live. XLA:CPU reads this flag
+# from XLA_FLAGS only (a jit's compiler_options leave it unchanged); other backends ignore it.
+CPU_LOW_MEMORY_SCHEDULE = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def use_cpu_low_memory_schedule() -> None:
+    """Add CPU_LOW_MEMORY_SCHEDULE to XLA_FLAGS unless they choose a scheduler already. Takes
+    effect only if called before jax's first computation in the process."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if CPU_LOW_MEMORY_SCHEDULE.split("=")[0] not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {CPU_LOW_MEMORY_SCHEDULE}".strip()
 
 
 def downscale_height_and_width(height: int, width: int, scale_factor: int = 8) -> tuple[int, int]:
@@ -297,9 +313,17 @@ class DecoderPipeline:
         movq: the Flax VQModel.
         scheduler: a DDPMScheduler.
         mesh: optional ("data", "fsdp") mesh, as for PriorPipeline.
+        attention: the UNet's and MoVQ's attention kernel (`layers.ATTENTION_IMPLS`). "chunked"
+            (default) is "dot" itself up to `layers.QUERY_CHUNK` tokens and computes longer
+            attentions block by block, where "dot" holds all the logits at once (the tiny test
+            networks at 512 px: 65536 tokens, tens of GB). On CPU the blocks stay bounded only
+            under `use_cpu_low_memory_schedule()`.
     """
 
-    def __init__(self, *, unet, movq, scheduler, mesh=None):
+    def __init__(self, *, unet, movq, scheduler, mesh=None, attention: str = "chunked"):
+        # on copies (sharing the weights), so the caller's modules keep their own kernel
+        unet, movq = (nnx.merge(*nnx.split(m)) for m in (unet, movq))
+        set_attention(attention, unet, movq)
         self.scheduler: DDPMScheduler = scheduler
         # diffusers' movq_scale_factor: 2 ** (len(block_out_channels) - 1)
         self.scale_factor = 2 ** (len(movq.decoder.up_blocks) - 1)
@@ -312,8 +336,11 @@ class DecoderPipeline:
         self._loop = jax.jit(self._denoise, static_argnames=("cfg", "shape", "decode"))
 
     @classmethod
-    def from_folder(cls, folder, *, dtype=None, mesh: Mesh | None = None) -> DecoderPipeline:
-        """From a KandinskyV22Pipeline folder; `dtype` is the compute dtype (params fp32)."""
+    def from_folder(
+        cls, folder, *, dtype=None, mesh: Mesh | None = None, attention: str = "chunked"
+    ) -> DecoderPipeline:
+        """From a KandinskyV22Pipeline folder; `dtype` is the compute dtype (params fp32),
+        `attention` as for the constructor."""
         folder = check_pipeline_folder(str(folder), "decoder", "--decoder")
         scheduler = load_scheduler(folder / "scheduler")
         if not isinstance(scheduler, DDPMScheduler):
@@ -323,6 +350,7 @@ class DecoderPipeline:
             movq=load_movq(folder / "movq", dtype=dtype)[0],
             scheduler=scheduler,
             mesh=mesh,
+            attention=attention,
         )
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:

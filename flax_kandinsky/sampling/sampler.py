@@ -1,8 +1,9 @@
-"""The combined text-to-image sampler (prior pipeline, then decoder pipeline) and the weights of a
-flax training checkpoint for it."""
+"""The combined text-to-image sampler (prior pipeline, then decoder pipeline), the weights of a
+flax training checkpoint for it, and how to tell a failed allocation from other sampling errors."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import jax
@@ -12,6 +13,30 @@ from PIL import Image
 
 from flax_kandinsky.sampling.pipelines import DecoderPipeline, PriorPipeline
 from flax_kandinsky.sampling.schedulers import prng_key
+
+
+def memory_failure(e: BaseException) -> str | None:
+    """What ran out, with XLA's detail, when `e` reports an allocation that failed; else None.
+
+    XLA raises RESOURCE_EXHAUSTED when its own buffers do not fit; XLA:CPU's YNNPACK kernels
+    allocate their own and report a failed allocation only as "YNNPACK operation failed: error"
+    (after an "allocate of <N> failed" line of their own on stderr).
+    """
+    if isinstance(e, MemoryError):
+        return "host memory (RAM)"
+    if not isinstance(e, jax.errors.JaxRuntimeError):
+        return None
+    text = str(e)
+    platform = jax.default_backend()
+    where = "host memory (RAM)" if platform == "cpu" else f"{platform} device memory"
+    if "RESOURCE_EXHAUSTED" in text:
+        asked = re.search(r"allocating (\d+) bytes", text)
+        if asked:
+            return f"{where} (XLA asked for {int(asked.group(1)) / 1e9:.1f} GB)"
+        return f"{where} ({text.splitlines()[0][:200]})"
+    if platform == "cpu" and "YNNPACK operation failed: error" in text:
+        return f"{where} (an XLA:CPU YNNPACK kernel could not allocate its buffers)"
+    return None
 
 
 def checkpoint_params(checkpoint: str | Path, use_ema: bool = True) -> tuple[str, dict]:
@@ -45,13 +70,16 @@ class Sampler:
         mesh: Mesh | None = None,
         prior_params=None,
         unet_params=None,
+        attention: str = "chunked",
     ) -> Sampler:
         """Both pipelines from diffusers folders. `dtype`: compute dtype (None = fp32, or
         jnp.bfloat16); prior_params / unet_params (the nnx.Param state that
         `nnx.split(model, nnx.Param, ...)` gives, or its pure dict) replace the loaded networks'
-        weights."""
+        weights; `attention`: the decoder pipeline's kernel (see DecoderPipeline)."""
         prior = PriorPipeline.from_folder(prior_dir, dtype=dtype, mesh=mesh)
-        decoder = DecoderPipeline.from_folder(decoder_dir, dtype=dtype, mesh=mesh)
+        decoder = DecoderPipeline.from_folder(
+            decoder_dir, dtype=dtype, mesh=mesh, attention=attention
+        )
         prior.params = prior.place.override(prior.params, prior_params, "prior")
         decoder.params = decoder.place.override(decoder.params, unet_params, "unet")
         return cls(prior, decoder)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from flax_kandinsky import sharding as sh
 from flax_kandinsky.checkpoint import CheckpointStore
+from flax_kandinsky.sampling import memory_failure
 from flax_kandinsky.stages import DecoderStage, PriorStage
 from flax_kandinsky.training.optim import make_optimizer
 from flax_kandinsky.training.step import encode_frozen, init_state, make_train_step, split_stage
@@ -28,7 +29,7 @@ from kandinsky_common.hub import check_hub, push_folder
 from kandinsky_common.lr_schedules import learning_rate_at
 from kandinsky_common.preemption import PreemptionGuard
 from kandinsky_common.preprocess import Prefetcher
-from kandinsky_common.run import NOTHING_LEFT, RunPlan, plan_run, write_summary
+from kandinsky_common.run import NOTHING_LEFT, RunPlan, out_of_memory, plan_run, write_summary
 from kandinsky_common.tracking import Tracker
 
 
@@ -262,6 +263,11 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                         validate(weights, global_step, tracker)
             if pending is not None:
                 finish(*pending)
+    except Exception as e:
+        what = memory_failure(e)
+        if what is None:
+            raise
+        raise out_of_memory(cfg, stage_name, what) from None
     finally:
         source.close()
         bar.close()  # so an error line starts on a line of its own

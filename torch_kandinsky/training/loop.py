@@ -21,7 +21,7 @@ from kandinsky_common.flags import TrainConfig
 from kandinsky_common.folders import check_pipeline_folder
 from kandinsky_common.hub import check_hub, push_folder
 from kandinsky_common.preemption import PreemptionGuard
-from kandinsky_common.run import NOTHING_LEFT, plan_run, write_summary
+from kandinsky_common.run import NOTHING_LEFT, out_of_memory, plan_run, write_summary
 from torch_kandinsky import checkpoint as ckpt
 from torch_kandinsky import validation
 from torch_kandinsky.export import export_pipeline
@@ -237,6 +237,11 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
             last = global_step == max_train_steps
             if not last and plan.validation_due(cfg, range(m, m + 1)):
                 _validate(accelerator, cfg, stage, model, ema, global_step)
+    except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one too
+        what = _memory_failure(e)
+        if what is None:
+            raise
+        raise out_of_memory(cfg, stage_name, what) from None
     finally:
         guard.__exit__(None, None, None)
         bar.close()  # so an error line starts on a line of its own
@@ -275,6 +280,15 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
             push_folder(cfg)
     accelerator.end_training()
     return summary
+
+
+def _memory_failure(e: RuntimeError) -> str | None:
+    """What ran out when `e` is a failed allocation (CUDA or the CPU allocator), else None."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return "GPU memory"
+    if "can't allocate memory" in str(e) or "DefaultCPUAllocator" in str(e):
+        return "host memory (RAM)"
+    return None
 
 
 def _skip_state(skips) -> dict:
