@@ -30,20 +30,9 @@ def test_sigterm_saves_exits_0_and_resumes_exactly(backend, tiny_folders, sample
     run_script(
         "train_text_to_image_prior.py", *train_args(prior, decoder, sample_dataset, ref, **flags)
     )
-    script = str(ROOT / "scripts" / "train_text_to_image_prior.py")
-    args = train_args(prior, decoder, sample_dataset, run, **flags)
-    proc = subprocess.Popen(
-        [sys.executable, script, *args],
-        env=script_env(),
-        cwd=ROOT,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = _start(train_args(prior, decoder, sample_dataset, run, **flags), ROOT)
     # SIGTERM once the progress bar shows a finished update (tqdm writes to stderr).
-    seen = ""
-    while "step_loss" not in seen and proc.poll() is None:
-        seen += os.read(proc.stderr.fileno(), 4096).decode(errors="replace")
+    seen = _read_until(proc, "step_loss")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     err = seen + err
