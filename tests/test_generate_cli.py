@@ -53,7 +53,7 @@ def assert_one_error_line(proc, *words):
     return last
 
 
-@pytest.mark.slow  # ~2.5 min on 2 CPU cores: one UNet step and the MoVQ over a 256x256 latent
+@pytest.mark.slow  # ~2 min on 2 CPU cores: one UNet step and the MoVQ over a 256x256 latent
 def test_readme_default_size_generates_with_flax(cwd):
     proc = generate(cwd, "--prompt", "A robot pokemon, 4k photo", "--out", "samples", "--steps", 1)
     assert proc.returncode == 0, proc.stderr[-3000:]
