@@ -11,13 +11,15 @@ import json
 
 from kandinsky_common.errors import INTERRUPTED, UserError, run_cli
 from kandinsky_common.flags import parse_config
+from kandinsky_common.preemption import sigint_deferred
 
 
 def main(stage: str, argv: list[str] | None = None) -> int:
     def _main(args):
         cfg = parse_config(args, stage)
         try:
-            loop = importlib.import_module(f"{cfg.backend}_kandinsky.training.loop")
+            with sigint_deferred():
+                loop = importlib.import_module(f"{cfg.backend}_kandinsky.training.loop")
         except ModuleNotFoundError as e:
             raise UserError(
                 f"--backend {cfg.backend} needs {e.name}: `pip install -e .[{cfg.backend}]`"

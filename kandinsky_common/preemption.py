@@ -17,8 +17,10 @@ flags across processes (e.g. an all-reduce of `requested`) so that all of them s
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
 
 
@@ -78,3 +80,24 @@ class PreemptionGuard:
             signal.signal(sig, signal.SIG_DFL if previous is None else previous)
         self._previous.clear()
         self.active = False
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, then raise KeyboardInterrupt.
+
+    For importing a framework: a KeyboardInterrupt raised while jaxlib's native extension is being
+    initialised ends the interpreter in SIGSEGV instead of a clean stop. The import takes seconds,
+    so the user's Ctrl-C still stops the command promptly. Outside the main thread it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+    if received:
+        raise KeyboardInterrupt

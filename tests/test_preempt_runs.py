@@ -61,6 +61,17 @@ def _start(args, cwd):
     )
 
 
+def _wait_for_library(proc, name: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    maps = f"/proc/{proc.pid}/maps"
+    while proc.poll() is None and time.monotonic() < deadline:
+        with open(maps) as f:
+            if name in f.read():
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"{name} was never loaded; exit status {proc.poll()}")
+
+
 def _read_until(proc, marker: str) -> str:
     seen = ""
     while marker not in seen and proc.poll() is None:
@@ -94,11 +105,13 @@ def test_ctrl_c_saves_a_checkpoint_like_sigterm(backend, tiny_folders, sample_da
 
 
 def test_ctrl_c_before_training_is_one_line(tiny_folders, sample_dataset, tmp_path):
-    """Ctrl-C while the models load or compile (no guard yet): one line, status 130."""
+    """Ctrl-C while the backend is imported (no guard yet): one line, status 130, not the
+    SIGSEGV that a KeyboardInterrupt inside jaxlib's initialisation ends in."""
     prior, decoder = tiny_folders
     proc = _start(train_args(prior, decoder, sample_dataset, "run", report_to="none"), tmp_path)
-    # The flag parse is done once the backend's imports start; interrupt during them.
-    time.sleep(4)
+    # The flags are parsed before the backend is imported: interrupt once jaxlib is mapped into
+    # the process, while its import still runs.
+    _wait_for_library(proc, "jaxlib")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
