@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from kandinsky_common import checkpoints as ck
-from kandinsky_common.errors import UserError
+from kandinsky_common.errors import CheckpointDamaged, UserError
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +46,6 @@ BACKEND = "flax"
 STATE_ITEM = ck.FLAX_STATE_ITEM
 META_ITEM = ck.FLAX_META_ITEM
 _NAME = re.compile(r"checkpoint-(\d+)\Z")
-
-
-class CheckpointDamaged(UserError):
-    """A checkpoint folder that is complete by name but cannot be read back."""
-
-    def __init__(self, path: str | Path, damage: str):
-        self.path = Path(path)
-        self.damage = damage
-        super().__init__(
-            f"checkpoint {path} is damaged ({damage}); resume from another checkpoint with "
-            "--resume_from_checkpoint, or delete it"
-        )
 
 
 def _is_orbax_checkpoint(path: epath.Path) -> bool:

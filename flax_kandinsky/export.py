@@ -1,4 +1,5 @@
-"""Diffusers folders from a flax training checkpoint (the loop's final export uses the same)."""
+"""A flax training checkpoint read back: its pipeline folder (the loop's final export is the
+same `Stage.export`), or its trained weights for sampling."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import jax
 from flax import nnx
 
 from flax_kandinsky.checkpoint import CheckpointStore, read_meta
-from flax_kandinsky.training.loop import make_stage
+from flax_kandinsky.stages import make_stage
 from flax_kandinsky.training.optim import make_optimizer
 from flax_kandinsky.training.step import init_state, split_stage
 from kandinsky_common.errors import UserError
@@ -37,6 +38,13 @@ def load_checkpoint_model(checkpoint: str | Path, use_ema: bool = True):
         state, _ = store.restore(checkpoint, target, stage=meta["stage"])
     nnx.update(stage.model, state["ema"] if use_ema and "ema" in state else state["params"])
     return stage, stage.model
+
+
+def checkpoint_params(checkpoint: str | Path, use_ema: bool = True) -> tuple[str, dict]:
+    """(stage name, trained params as a pure dict of arrays) of a flax training checkpoint folder
+    (checkpoint-N): the EMA weights when the run kept them and `use_ema`, else the live ones."""
+    stage, model = load_checkpoint_model(checkpoint, use_ema)
+    return stage.spec.name, nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
 
 
 def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, use_ema: bool = True) -> Path:

@@ -27,19 +27,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from flax_kandinsky import sharding as sh
-from flax_kandinsky.models.clip import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
-from flax_kandinsky.models.layers import set_attention
-from flax_kandinsky.models.movq import VQModel
-from flax_kandinsky.models.prior import PriorTransformer
-from flax_kandinsky.models.unet import UNet2DConditionModel
-from flax_kandinsky.pretrained import build_abstract
-from flax_kandinsky.stages import DecoderStage, PriorStage
+from flax_kandinsky.stages import STAGES, Stage
 from flax_kandinsky.training.optim import make_optimizer
 from flax_kandinsky.training.step import init_state, make_train_step, split_stage
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
 from kandinsky_common.model_configs import get_configs
-from kandinsky_common.schedule import NoiseSchedule
 
 GIB = 2**30
 # TPU v3, per TensorCore (= one JAX device): 123 TFLOP/s bf16 and 32 GiB HBM per 2-core chip.
@@ -49,10 +42,7 @@ HBM_BYTES = 16 * GIB
 # fast FSDP's gathers and reductions move, which the roofline time leaves out.
 ICI_BYTES_PER_S = 340e12 / 2048
 SLICES = {"v3-8": "v3:2x2", "v3-32": "v3:4x4"}
-STAGES = ("prior", "decoder")
 FEEDINGS = ("step", "cache")
-CLIP_PIXELS = 224
-TEXT_TOKENS = 77
 DTYPES = {"bf16": jnp.bfloat16, "fp32": None}
 
 
@@ -107,111 +97,19 @@ def plan_mesh(devices: list, mesh_shape: str | None) -> Mesh:
     return Mesh(grid, sh.AXES)
 
 
-def _from_cache(frozen, batch):
-    """The encode-once cache: the batch already holds the encoder outputs."""
-    return batch
-
-
-class _Abstract:
-    """What the abstract stages add to a Stage: attention choice, feeding, input shapes."""
-
-    def use_attention(self, attention: str, cached: bool) -> None:
-        set_attention(attention, self.model, *self.frozen.values())
-        if cached:
-            self.frozen, self.encode = {}, _from_cache
-
-
-class AbstractPrior(_Abstract, PriorStage):
-    """PriorStage built from configs with shapes only (no folders, no weights)."""
-
-    def __init__(self, configs, *, dtype, remat, attention, cached):
-        kw = dict(dtype=dtype, param_dtype=jnp.bfloat16 if dtype is not None else jnp.float32)
-        self.frozen = {
-            "text_encoder": build_abstract(
-                lambda r: CLIPTextModelWithProjection(configs["text_encoder"], rngs=r, **kw)
-            ),
-            "image_encoder": build_abstract(
-                lambda r: CLIPVisionModelWithProjection(configs["image_encoder"], rngs=r, **kw)
-            ),
-        }
-        self.model = build_abstract(
-            lambda r: PriorTransformer(
-                configs["prior"], gradient_checkpointing=remat, dtype=dtype, rngs=r
-            )
-        )
-        self.model_config = configs["prior"]
-        self.schedule = NoiseSchedule.prior()
-        self.use_attention(attention, cached)
-
-    def batch_shapes(self, b: int, resolution: int, cached: bool) -> dict:
-        e = self.model.config.embedding_dim
-        if cached:
-            return {
-                "text_embeds": ((b, e), jnp.float32),
-                "text_hidden_states": ((b, TEXT_TOKENS, e), jnp.float32),
-                "text_mask": ((b, TEXT_TOKENS), jnp.bool_),
-                "image_embeds": ((b, e), jnp.float32),
-            }
-        return {
-            "text_input_ids": ((b, TEXT_TOKENS), jnp.int32),
-            "text_mask": ((b, TEXT_TOKENS), jnp.bool_),
-            "clip_pixel_values": ((b, 3, CLIP_PIXELS, CLIP_PIXELS), jnp.float32),
-        }
-
-    def noise_shape(self, b: int, resolution: int) -> tuple[int, ...]:
-        return self.x0_shape(b, resolution)
-
-
-class AbstractDecoder(_Abstract, DecoderStage):
-    """DecoderStage built from configs with shapes only (no folders, no weights)."""
-
-    def __init__(self, configs, *, dtype, remat, attention, cached):
-        kw = dict(dtype=dtype, param_dtype=jnp.bfloat16 if dtype is not None else jnp.float32)
-        self.frozen = {
-            "image_encoder": build_abstract(
-                lambda r: CLIPVisionModelWithProjection(configs["image_encoder"], rngs=r, **kw)
-            ),
-            "movq": build_abstract(lambda r: VQModel(configs["movq"], rngs=r, **kw)),
-        }
-        self.movq_config = configs["movq"]
-        self.model = build_abstract(
-            lambda r: UNet2DConditionModel(
-                configs["unet"], dtype=dtype, gradient_checkpointing=remat, rngs=r
-            )
-        )
-        self.model_config = configs["unet"]
-        self.schedule = NoiseSchedule.from_config(configs["decoder_scheduler"])
-        self.embed_dim = configs["image_encoder"]["projection_dim"]
-        self.use_attention(attention, cached)
-
-    def batch_shapes(self, b: int, resolution: int, cached: bool) -> dict:
-        if cached:
-            return {
-                "latents": (self.noise_shape(b, resolution), jnp.float32),
-                "image_embeds": ((b, self.embed_dim), jnp.float32),
-            }
-        return {
-            "pixel_values": ((b, 3, resolution, resolution), jnp.float32),
-            "clip_pixel_values": ((b, 3, CLIP_PIXELS, CLIP_PIXELS), jnp.float32),
-        }
-
-    def noise_shape(self, b: int, resolution: int) -> tuple[int, ...]:
-        n, c, h, w = self.x0_shape(b, resolution)
-        return (n, h, w, c)  # the step's NHWC x0 layout
-
-
-def abstract_stage(spec: PlanSpec):
+def abstract_stage(spec: PlanSpec) -> Stage:
+    """The stage of `spec` from the published configs, shapes only."""
     if spec.stage not in STAGES:
-        raise UserError(f"stage {spec.stage!r}: one of {STAGES}")
+        raise UserError(f"stage {spec.stage!r}: one of {tuple(STAGES)}")
     if spec.feeding not in FEEDINGS:
         raise UserError(f"feeding {spec.feeding!r}: one of {FEEDINGS}")
-    cls = AbstractPrior if spec.stage == "prior" else AbstractDecoder
-    return cls(
+    dtype = DTYPES[spec.precision]
+    return STAGES[spec.stage].from_configs(
         get_configs(spec.size),
-        dtype=DTYPES[spec.precision],
+        dtype=dtype,
+        frozen_dtype=jnp.float32 if dtype is None else dtype,
         remat=spec.remat,
         attention=spec.attention,
-        cached=spec.feeding == "cache",
     )
 
 
@@ -222,15 +120,26 @@ def _sds(shape, dtype):
 def lower_step(spec: PlanSpec, mesh: Mesh):
     """The jitted update of training/step.py for `spec` on `mesh`, lowered from shapes."""
     stage = abstract_stage(spec)
+    cached = spec.feeding == "cache"
     graphdefs, params, consts = split_stage(stage)
+    if cached:  # as training with the cache: the encoders never reach the devices
+        consts = {"model_rest": consts["model_rest"]}
     cfg = TrainConfig(learning_rate=1e-5, lr_warmup_steps=0, use_ema=spec.use_ema)
     tx = make_optimizer(cfg, 1000)
     state = jax.eval_shape(lambda p: init_state(p, tx, spec.use_ema), params)
     step = make_train_step(
-        stage, graphdefs, tx, mesh, state, consts, snr_gamma=None, use_ema=spec.use_ema
+        stage,
+        graphdefs,
+        tx,
+        mesh,
+        state,
+        consts,
+        snr_gamma=None,
+        use_ema=spec.use_ema,
+        encoded=cached,
     )
     b = spec.batch_per_core * mesh.size  # global batch; accumulation 1 (leading axis)
-    shapes = stage.batch_shapes(b, spec.resolution, spec.feeding == "cache")
+    shapes = stage.batch_shapes(b, spec.resolution, cached)
     batch = {k: _sds((1, *s), d) for k, (s, d) in shapes.items()}
     noise = _sds((1, *stage.noise_shape(b, spec.resolution)), jnp.float32)
     timesteps = _sds((1, b), jnp.int32)

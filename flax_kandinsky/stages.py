@@ -1,9 +1,10 @@
 """What the two stages differ in (docs/architecture.md, "Stages"), and nothing else.
 
-Mirrors torch_kandinsky/stages.py. A Stage loads its frozen encoders and its trainable network
-with our Flax ports, out of diffusers folders; `encode`, `x0` and `predict` are pure functions of
-the modules they are given, so the train step can call them under jit on merged `nnx` state.
-Numpy batches and the noise stream use the reference layout (NCHW); images become NHWC here.
+Mirrors torch_kandinsky/stages.py. A Stage holds its frozen encoders and its trainable network
+(our Flax ports), built from diffusers folders, from a TrainConfig, or from configs with shapes
+only (the TPU plan); `encode`, `x0` and `predict` are pure functions of the modules they are
+given, so the train step can call them under jit on merged `nnx` state. Numpy batches and the
+noise stream use the reference layout (NCHW); images become NHWC here.
 """
 
 from __future__ import annotations
@@ -17,15 +18,24 @@ import numpy as np
 from flax import nnx
 from transformers import CLIPTokenizer
 
-from flax_kandinsky.models.clip import load_image_encoder, load_text_encoder
+from flax_kandinsky.models.clip import (
+    CLIPTextModelWithProjection,
+    CLIPVisionModelWithProjection,
+    load_image_encoder,
+    load_text_encoder,
+)
 from flax_kandinsky.models.layers import set_attention
-from flax_kandinsky.models.movq import load_movq
-from flax_kandinsky.models.prior import load_prior, save_prior
-from flax_kandinsky.models.unet import load_unet, save_unet
-from kandinsky_common.errors import UserError
+from flax_kandinsky.models.movq import VQModel, load_movq
+from flax_kandinsky.models.prior import PriorTransformer, load_prior, save_prior
+from flax_kandinsky.models.unet import UNet2DConditionModel, load_unet, save_unet
+from flax_kandinsky.pretrained import build_abstract
+from kandinsky_common.flags import TrainConfig
 from kandinsky_common.folders import check_pipeline_folder, read_config, write_decoder_readme
 from kandinsky_common.schedule import NoiseSchedule
 from kandinsky_common.stage_spec import DECODER, PRIOR, StageSpec
+
+CLIP_PIXELS = 224  # the CLIP image processor's crop
+TEXT_TOKENS = 77  # the CLIP tokenizer's max length
 
 
 def _nhwc(x: jax.Array) -> jax.Array:
@@ -40,16 +50,58 @@ def _copy_subfolders(src: Path, dst: Path, names) -> None:
     shutil.copy2(src / "model_index.json", dst / "model_index.json")
 
 
+def _dtypes(cfg: TrainConfig) -> dict:
+    """Compute and frozen-parameter dtypes of --mixed_precision (trained params stay fp32)."""
+    bf16 = cfg.mixed_precision == "bf16"
+    return dict(
+        dtype=jnp.bfloat16 if bf16 else None, frozen_dtype=jnp.bfloat16 if bf16 else jnp.float32
+    )
+
+
+def _prior_folder(path) -> Path:
+    return check_pipeline_folder(path, "prior", "--pretrained_prior_model_name_or_path")
+
+
 class Stage:
+    """One trainable network, its frozen encoders and its noise schedule.
+
+    Parameters:
+        model: the trainable network; model_config: its config (written by `export`).
+        frozen: frozen encoders by name; configs: the config of every part, by subfolder name.
+        schedule: the training noise schedule.
+        folder: the stage's own pipeline folder; prior_folder: the prior pipeline folder (whose
+            image encoder and image processor both stages use). None when built from configs.
+        attention: the attention kernel of every part ("dot" or "chunked").
+    """
+
     spec: StageSpec
-    schedule: NoiseSchedule
-    model: nnx.Module  # the trainable network
-    model_config: dict
-    frozen: dict[str, nnx.Module]  # frozen encoders, by name
+    params_key: str  # Sampler's keyword for this stage's trained params
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        model_config: dict,
+        frozen: dict[str, nnx.Module],
+        configs: dict[str, dict],
+        schedule: NoiseSchedule,
+        *,
+        folder: Path | None = None,
+        prior_folder: Path | None = None,
+        tokenizer=None,
+        attention: str = "dot",
+    ):
+        self.model, self.model_config, self.frozen = model, model_config, frozen
+        self.configs, self.schedule = configs, schedule
+        self.folder, self.prior_folder, self.tokenizer = folder, prior_folder, tokenizer
+        set_attention(attention, self.model, *self.frozen.values())
 
     def noise_layout(self, noise: np.ndarray) -> np.ndarray:
         """Noise drawn in the reference layout -> this backend's x0 layout."""
         return noise
+
+    def noise_shape(self, batch_size: int, resolution: int) -> tuple[int, ...]:
+        """Shape of the noise the step receives (this backend's x0 layout)."""
+        return self.x0_shape(batch_size, resolution)
 
     @staticmethod
     def to_reference(enc: dict) -> dict:
@@ -65,26 +117,81 @@ class PriorStage(Stage):
     """PriorTransformer on CLIP text (frozen) -> normalized CLIP image embedding (x0 target)."""
 
     spec = PRIOR
+    params_key = "prior_params"
 
-    def __init__(
-        self, prior_dir, *, dtype=None, frozen_dtype=jnp.float32, remat=False, attention="dot"
-    ):
-        folder = check_pipeline_folder(prior_dir, "prior", "--pretrained_prior_model_name_or_path")
-        self.folder = folder
-        self.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        kw = dict(dtype=dtype, param_dtype=frozen_dtype)
-        self.frozen = {
-            "text_encoder": load_text_encoder(folder / "text_encoder", **kw)[0],
-            "image_encoder": load_image_encoder(folder / "image_encoder", **kw)[0],
-        }
-        self.model, self.model_config = load_prior(
-            folder / "prior", dtype=dtype, gradient_checkpointing=remat
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> PriorStage:
+        """The stage a training run's flags describe (folders, precision, remat, attention)."""
+        return cls.from_folders(
+            cfg.pretrained_prior_model_name_or_path,
+            remat=cfg.gradient_checkpointing,
+            attention=cfg.attention,
+            **_dtypes(cfg),
         )
-        self.schedule = NoiseSchedule.prior()
-        set_attention(attention, self.model, *self.frozen.values())
+
+    @classmethod
+    def from_folders(
+        cls, prior_dir, *, dtype=None, frozen_dtype=jnp.float32, remat=False, attention="dot"
+    ) -> PriorStage:
+        folder = _prior_folder(prior_dir)
+        kw = dict(dtype=dtype, param_dtype=frozen_dtype)
+        text_encoder, text_config = load_text_encoder(folder / "text_encoder", **kw)
+        image_encoder, image_config = load_image_encoder(folder / "image_encoder", **kw)
+        model, config = load_prior(folder / "prior", dtype=dtype, gradient_checkpointing=remat)
+        return cls(
+            model,
+            config,
+            {"text_encoder": text_encoder, "image_encoder": image_encoder},
+            {"text_encoder": text_config, "image_encoder": image_config, "prior": config},
+            NoiseSchedule.prior(),
+            folder=folder,
+            prior_folder=folder,
+            tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+            attention=attention,
+        )
+
+    @classmethod
+    def from_configs(
+        cls, configs: dict, *, dtype=None, frozen_dtype=jnp.float32, remat=False, attention="dot"
+    ) -> PriorStage:
+        """Shapes and dtypes only, no weights (nnx.eval_shape): what the TPU plan compiles."""
+        kw = dict(dtype=dtype, param_dtype=frozen_dtype)
+        frozen = {
+            "text_encoder": build_abstract(
+                lambda r: CLIPTextModelWithProjection(configs["text_encoder"], rngs=r, **kw)
+            ),
+            "image_encoder": build_abstract(
+                lambda r: CLIPVisionModelWithProjection(configs["image_encoder"], rngs=r, **kw)
+            ),
+        }
+        model = build_abstract(
+            lambda r: PriorTransformer(
+                configs["prior"], gradient_checkpointing=remat, dtype=dtype, rngs=r
+            )
+        )
+        return cls(
+            model, configs["prior"], frozen, configs, NoiseSchedule.prior(), attention=attention
+        )
 
     def x0_shape(self, batch_size: int, resolution: int) -> tuple[int, ...]:
         return (batch_size, self.model.config.embedding_dim)
+
+    def batch_shapes(self, b: int, resolution: int, cached: bool) -> dict:
+        """(shape, dtype) of each batch entry the step reads: pixels and tokens, or with
+        `cached` the encoder outputs (reference layout)."""
+        e = self.model.config.embedding_dim
+        if cached:
+            return {
+                "text_embeds": ((b, e), jnp.float32),
+                "text_hidden_states": ((b, TEXT_TOKENS, e), jnp.float32),
+                "text_mask": ((b, TEXT_TOKENS), jnp.bool_),
+                "image_embeds": ((b, e), jnp.float32),
+            }
+        return {
+            "text_input_ids": ((b, TEXT_TOKENS), jnp.int32),
+            "text_mask": ((b, TEXT_TOKENS), jnp.bool_),
+            "clip_pixel_values": ((b, 3, CLIP_PIXELS, CLIP_PIXELS), jnp.float32),
+        }
 
     @staticmethod
     def encode(frozen, batch):
@@ -129,9 +236,23 @@ class DecoderStage(Stage):
     """UNet on MoVQ latents, conditioned on the CLIP image embedding (epsilon or v target)."""
 
     spec = DECODER
+    params_key = "unet_params"
 
-    def __init__(
-        self,
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> DecoderStage:
+        """The stage a training run's flags describe (folders, precision, remat, attention)."""
+        return cls.from_folders(
+            cfg.pretrained_decoder_model_name_or_path,
+            cfg.pretrained_prior_model_name_or_path,
+            prediction_type=cfg.prediction_type,
+            remat=cfg.gradient_checkpointing,
+            attention=cfg.attention,
+            **_dtypes(cfg),
+        )
+
+    @classmethod
+    def from_folders(
+        cls,
         decoder_dir,
         prior_dir,
         *,
@@ -140,34 +261,71 @@ class DecoderStage(Stage):
         remat=False,
         prediction_type: str | None = None,
         attention="dot",
-    ):
+    ) -> DecoderStage:
         folder = check_pipeline_folder(
             decoder_dir, "decoder", "--pretrained_decoder_model_name_or_path"
         )
-        prior = check_pipeline_folder(prior_dir, "prior", "--pretrained_prior_model_name_or_path")
-        self.folder, self.prior_folder = folder, prior
+        prior = _prior_folder(prior_dir)
         kw = dict(dtype=dtype, param_dtype=frozen_dtype)
-        self.frozen = {
-            "image_encoder": load_image_encoder(prior / "image_encoder", **kw)[0],
-            "movq": load_movq(folder / "movq", **kw)[0],
-        }
-        self.movq_config = read_config(folder / "movq")
-        self.model, self.model_config = load_unet(
-            folder / "unet", dtype=dtype, gradient_checkpointing=remat
-        )
-        set_attention(attention, self.model, *self.frozen.values())
-        self.schedule = NoiseSchedule.from_config(
+        image_encoder, image_config = load_image_encoder(prior / "image_encoder", **kw)
+        movq, movq_config = load_movq(folder / "movq", **kw)
+        model, config = load_unet(folder / "unet", dtype=dtype, gradient_checkpointing=remat)
+        schedule = NoiseSchedule.for_training(
             read_config(folder / "scheduler"), prediction_type=prediction_type
         )
-        if self.schedule.prediction_type == "sample":
-            raise UserError(
-                "the decoder scheduler predicts 'sample'; pass --prediction_type epsilon"
+        return cls(
+            model,
+            config,
+            {"image_encoder": image_encoder, "movq": movq},
+            {"image_encoder": image_config, "movq": movq_config, "unet": config},
+            schedule,
+            folder=folder,
+            prior_folder=prior,
+            attention=attention,
+        )
+
+    @classmethod
+    def from_configs(
+        cls, configs: dict, *, dtype=None, frozen_dtype=jnp.float32, remat=False, attention="dot"
+    ) -> DecoderStage:
+        """Shapes and dtypes only, no weights (nnx.eval_shape): what the TPU plan compiles."""
+        kw = dict(dtype=dtype, param_dtype=frozen_dtype)
+        frozen = {
+            "image_encoder": build_abstract(
+                lambda r: CLIPVisionModelWithProjection(configs["image_encoder"], rngs=r, **kw)
+            ),
+            "movq": build_abstract(lambda r: VQModel(configs["movq"], rngs=r, **kw)),
+        }
+        model = build_abstract(
+            lambda r: UNet2DConditionModel(
+                configs["unet"], dtype=dtype, gradient_checkpointing=remat, rngs=r
             )
+        )
+        schedule = NoiseSchedule.for_training(configs["decoder_scheduler"])
+        return cls(model, configs["unet"], frozen, configs, schedule, attention=attention)
 
     def x0_shape(self, batch_size: int, resolution: int) -> tuple[int, ...]:
-        factor = 2 ** (len(self.movq_config["block_out_channels"]) - 1)
+        movq = self.configs["movq"]
+        factor = 2 ** (len(movq["block_out_channels"]) - 1)
         side = resolution // factor
-        return (batch_size, self.movq_config.get("latent_channels", 4), side, side)
+        return (batch_size, movq.get("latent_channels", 4), side, side)
+
+    def noise_shape(self, batch_size: int, resolution: int) -> tuple[int, ...]:
+        n, c, h, w = self.x0_shape(batch_size, resolution)
+        return (n, h, w, c)  # the step's NHWC x0 layout
+
+    def batch_shapes(self, b: int, resolution: int, cached: bool) -> dict:
+        """(shape, dtype) of each batch entry the step reads: pixels, or with `cached` the
+        encoder outputs (reference layout)."""
+        if cached:
+            return {
+                "latents": (self.x0_shape(b, resolution), jnp.float32),
+                "image_embeds": ((b, self.configs["image_encoder"]["projection_dim"]), jnp.float32),
+            }
+        return {
+            "pixel_values": ((b, 3, resolution, resolution), jnp.float32),
+            "clip_pixel_values": ((b, 3, CLIP_PIXELS, CLIP_PIXELS), jnp.float32),
+        }
 
     def noise_layout(self, noise: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(noise.transpose(0, 2, 3, 1))  # NCHW -> NHWC
@@ -207,3 +365,11 @@ class DecoderStage(Stage):
             out, prior=str(self.prior_folder.resolve()), base_model=str(self.folder)
         )
         return out
+
+
+STAGES: dict[str, type[Stage]] = {s.spec.name: s for s in (PriorStage, DecoderStage)}
+
+
+def make_stage(cfg: TrainConfig, stage_name: str) -> Stage:
+    """The `stage_name` stage ("prior" or "decoder") of a training run's flags."""
+    return STAGES[stage_name].from_config(cfg)

@@ -15,11 +15,11 @@ class Validator:
 
     Parameters:
         cfg: the run's TrainConfig (prompts, resolution, validation steps, seed, folders).
-        stage_name: "prior" or "decoder": which network the given params replace.
+        stage: the Stage being trained: its network is the one the given params replace.
     """
 
-    def __init__(self, cfg, stage_name: str):
-        self.cfg, self.stage_name = cfg, stage_name
+    def __init__(self, cfg, stage):
+        self.cfg, self.params_key = cfg, stage.params_key
         self._sampler = None
 
     def __call__(self, params, step: int, tracker=None) -> Path:
@@ -31,7 +31,7 @@ class Validator:
                 cfg.pretrained_decoder_model_name_or_path,
                 dtype=dtype,
             )
-        override = {"prior_params" if self.stage_name == "prior" else "unet_params": params}
+        override = {self.params_key: params}
         images = self._sampler.generate(
             cfg.validation_prompts,
             height=cfg.resolution,

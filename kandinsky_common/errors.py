@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -12,6 +13,22 @@ class UserError(Exception):
     The message is one line naming the problem and the fix. The CLI prints it as `error: <message>`
     and exits with status 2, before anything was written or deleted.
     """
+
+
+class NonFiniteLoss(UserError):
+    """The loss or gradient norm became NaN/Inf: the run stops, its last checkpoint is kept."""
+
+
+class CheckpointDamaged(UserError):
+    """A checkpoint folder that is complete by name but cannot be read back."""
+
+    def __init__(self, path: str | Path, damage: str):
+        self.path = Path(path)
+        self.damage = damage
+        super().__init__(
+            f"checkpoint {path} is damaged ({damage}); resume from another checkpoint with "
+            "--resume_from_checkpoint, or delete it"
+        )
 
 
 INTERRUPTED = 130  # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)

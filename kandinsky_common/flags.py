@@ -21,6 +21,7 @@ from transformers import HfArgumentParser
 from kandinsky_common.errors import UserError
 from kandinsky_common.folders import user_path
 from kandinsky_common.lr_schedules import LR_SCHEDULER_NAMES
+from kandinsky_common.stage_spec import SPECS
 
 LR_SCHEDULERS = LR_SCHEDULER_NAMES
 REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all", "none")
@@ -324,12 +325,13 @@ def validate(cfg: TrainConfig, stage: str) -> None:
     )
     if cfg.lr_warmup_steps < 0 or cfg.dataloader_num_workers < 0 or cfg.adam_weight_decay < 0:
         raise UserError("--lr_warmup_steps, --dataloader_num_workers, --adam_weight_decay are >= 0")
-    if stage == "decoder" and cfg.resolution % 64:
+    spec = SPECS[stage]
+    if spec.uses_resolution and cfg.resolution % 64:
         raise UserError(
             f"--resolution {cfg.resolution} is not a multiple of 64 (MoVQ /8 x UNet /8); "
             f"use e.g. {max(64, round(cfg.resolution / 64) * 64)}"
         )
-    if stage == "prior" and cfg.prediction_type is not None:
+    if not spec.takes_prediction_type and cfg.prediction_type is not None:
         raise UserError("--prediction_type is a decoder flag; the prior always predicts the sample")
     if cfg.lr_scheduler == "piecewise_constant" and not cfg.lr_step_rules:
         raise UserError("--lr_scheduler piecewise_constant needs --lr_step_rules, e.g. '1:100,0.1'")

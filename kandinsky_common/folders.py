@@ -17,8 +17,11 @@ from safetensors.numpy import load_file, save_file
 
 from kandinsky_common.errors import UserError
 
-PRIOR_SUBFOLDERS = ("prior", "text_encoder", "image_encoder", "tokenizer", "scheduler")
-DECODER_SUBFOLDERS = ("unet", "movq", "scheduler")
+# what each kind of Kandinsky 2.2 pipeline folder must hold
+SUBFOLDERS = {
+    "prior": ("prior", "text_encoder", "image_encoder", "tokenizer", "scheduler"),
+    "decoder": ("unet", "movq", "scheduler"),
+}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 HUB_HINT = (
     "this machine has no access to the Hugging Face hub; download the repo elsewhere "
@@ -120,14 +123,12 @@ def check_pipeline_folder(name_or_path: str, kind: str, flag: str) -> Path:
     """Resolve and check a prior or decoder pipeline folder, naming the flag in any error."""
     folder = resolve_model_path(name_or_path, flag)
     found = _kind_of(folder)
-    other = "decoder" if kind == "prior" else "prior"
-    if found == other:
+    if found is not None and found != kind:
         raise UserError(
-            f"{flag} {str(folder)!r} is a Kandinsky {other} folder, not a {kind} folder; "
+            f"{flag} {str(folder)!r} is a Kandinsky {found} folder, not a {kind} folder; "
             f"pass the {kind} folder (e.g. kandinsky-2-2-{kind}) here"
         )
-    needed = PRIOR_SUBFOLDERS if kind == "prior" else DECODER_SUBFOLDERS
-    missing = [s for s in needed if not (folder / s).is_dir()]
+    missing = [s for s in SUBFOLDERS[kind] if not (folder / s).is_dir()]
     if missing:
         raise UserError(
             f"{flag} {str(folder)!r} lacks the subfolder(s) {', '.join(missing)} of a "

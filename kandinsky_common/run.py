@@ -34,7 +34,7 @@ from kandinsky_common.preprocess import (
     load_image_processor_config,
 )
 from kandinsky_common.sampler import EpochSampler
-from kandinsky_common.stage_spec import StageSpec
+from kandinsky_common.stage_spec import SPECS, StageSpec
 
 
 @dataclass
@@ -183,11 +183,10 @@ NOTHING_LEFT = (
 def out_of_memory(cfg: TrainConfig, stage: str, what: str) -> UserError:
     """The line for a training step that does not fit: the sizes that set its memory, the flags
     that shrink it, and what is safe."""
-    size = f"--resolution {cfg.resolution}, " if stage == "decoder" else ""
+    pixels = SPECS[stage].uses_resolution
+    size = f"--resolution {cfg.resolution}, " if pixels else ""
     fix = (
-        "a smaller --resolution or --train_batch_size"
-        if stage == "decoder"
-        else ("a smaller --train_batch_size")
+        "a smaller --resolution or --train_batch_size" if pixels else "a smaller --train_batch_size"
     )
     also = [
         flag

@@ -87,6 +87,17 @@ class NoiseSchedule:
         return cls(betas=betas, prediction_type=pred)
 
     @classmethod
+    def for_training(cls, config: dict, prediction_type: str | None = None) -> NoiseSchedule:
+        """A decoder's schedule from its scheduler config, as training needs it: the decoder
+        learns noise (epsilon or v); a config that predicts 'sample' needs the flag."""
+        schedule = cls.from_config(config, prediction_type=prediction_type)
+        if schedule.prediction_type == "sample":
+            raise UserError(
+                "the decoder scheduler predicts 'sample'; pass --prediction_type epsilon"
+            )
+        return schedule
+
+    @classmethod
     def prior(cls) -> NoiseSchedule:
         """The prior script's DDPMScheduler("squaredcos_cap_v2", prediction_type="sample")."""
         return cls(betas=betas_for_alpha_bar(1000), prediction_type="sample")

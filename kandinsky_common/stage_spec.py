@@ -11,6 +11,7 @@ class StageSpec:
     model_subfolder: str  # the trainable network's subfolder in the pipeline folder
     uses_captions: bool
     uses_resolution: bool
+    takes_prediction_type: bool  # --prediction_type applies (the prior always predicts x0)
     encoded_keys: tuple[str, ...]  # what stage.encode returns (and the cache stores)
     caption_keys: tuple[str, ...]  # the encoded keys of the caption (a text-only batch's)
     # (pipeline folder, subfolder) of everything that shapes the encoder outputs
@@ -22,6 +23,7 @@ PRIOR = StageSpec(
     model_subfolder="prior",
     uses_captions=True,
     uses_resolution=False,
+    takes_prediction_type=False,
     encoded_keys=("text_embeds", "text_hidden_states", "text_mask", "image_embeds"),
     caption_keys=("text_embeds", "text_hidden_states", "text_mask"),
     encoder_folders=(("prior", "text_encoder"), ("prior", "image_encoder"), ("prior", "tokenizer")),
@@ -31,6 +33,7 @@ DECODER = StageSpec(
     model_subfolder="unet",
     uses_captions=False,
     uses_resolution=True,
+    takes_prediction_type=True,
     encoded_keys=("latents", "image_embeds"),
     caption_keys=(),
     encoder_folders=(("decoder", "movq"), ("prior", "image_encoder")),

@@ -33,11 +33,13 @@ CASES = [
 def _stages(name, folders, prediction_type):
     prior, decoder = folders
     if name == "prior":
-        return tstages.PriorStage(str(prior), torch.device("cpu")), fstages.PriorStage(prior)
+        return tstages.PriorStage(str(prior), torch.device("cpu")), fstages.PriorStage.from_folders(
+            prior
+        )
     t = tstages.DecoderStage(
         str(decoder), str(prior), torch.device("cpu"), torch.float32, prediction_type
     )
-    f = fstages.DecoderStage(decoder, prior, prediction_type=prediction_type)
+    f = fstages.DecoderStage.from_folders(decoder, prior, prediction_type=prediction_type)
     return t, f
 
 

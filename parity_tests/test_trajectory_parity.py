@@ -85,7 +85,7 @@ def _flax_checkpoint_params(stage, tiny_folders, out, flags):
     from flax_kandinsky.convert import flatten
     from flax_kandinsky.convert.prior import PRIOR_TABLE
     from flax_kandinsky.convert.unet import UNET_TABLE
-    from flax_kandinsky.training.loop import make_stage
+    from flax_kandinsky.stages import make_stage
     from flax_kandinsky.training.optim import make_optimizer
     from flax_kandinsky.training.step import init_state, split_stage
 

@@ -29,13 +29,14 @@ def check_checkpoint(a) -> None:
     """--checkpoint reads flax training checkpoints with the flax backend only; anything else gets
     the one route that works for both: export the checkpoint, sample the exported folder."""
     from kandinsky_common.checkpoints import checkpoint_backend, read_state
+    from kandinsky_common.stage_spec import SPECS
 
     path = Path(a.checkpoint)
     written_by = checkpoint_backend(path) if path.is_dir() else None
     if a.backend == "flax" and written_by != "torch":
         return  # a flax checkpoint, or the flax loader names what is wrong with the folder
     stage = read_state(path).get("stage") if written_by else None
-    folder = f"--{stage}" if stage in ("prior", "decoder") else "--prior or --decoder"
+    folder = f"--{stage}" if stage in SPECS else "--prior or --decoder"
     m = re.fullmatch(r"checkpoint-(\d+)", path.name)
     out = f"{path.parent}-{m.group(1)}" if m and path.parent.name else "EXPORTED"
     export = Path(__file__).resolve().with_name("export_checkpoint.py")
@@ -58,12 +59,15 @@ def flax_images(a) -> list:
 
     prior = check_pipeline_folder(a.prior, "prior", "--prior")
     decoder = check_pipeline_folder(a.decoder, "decoder", "--decoder")
-    from flax_kandinsky.sampling import Sampler, checkpoint_params, memory_failure
+    from flax_kandinsky.sampling import Sampler, memory_failure
 
     trained = {}
     if a.checkpoint is not None:  # the trained network replaces its twin from --prior/--decoder
+        from flax_kandinsky.export import checkpoint_params
+        from flax_kandinsky.stages import STAGES
+
         stage, params = checkpoint_params(a.checkpoint)
-        trained = {"prior_params" if stage == "prior" else "unet_params": params}
+        trained = {STAGES[stage].params_key: params}
     sampler = Sampler.from_folders(prior, decoder, attention=a.attention, **trained)
     try:
         return sampler.generate(

@@ -10,6 +10,7 @@ that starts training: it must end the same way and leave no half checkpoint as "
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import re
 import shutil
@@ -367,14 +368,8 @@ def test_disk_full_during_the_final_export(
     if backend == "flax":
         flags["mesh_shape"] = "data=1"
     args = train_args(*tiny_folders, sample_dataset, out, **flags)
-    if backend == "flax":
-        from flax_kandinsky.stages import PriorStage
-
-        monkeypatch.setattr(PriorStage, "export", _full_disk_export(PriorStage.export))
-    else:
-        from torch_kandinsky.training import loop
-
-        monkeypatch.setattr(loop, "export_pipeline", _full_disk_export(loop.export_pipeline))
+    stages = importlib.import_module(f"{backend}_kandinsky.stages")
+    monkeypatch.setattr(stages.PriorStage, "export", _full_disk_export(stages.PriorStage.export))
     error = _fails(capsys, "prior", args)
     assert "writing the final pipeline folder" in error and "no space left" in error, error
     assert "checkpoint-2 is the newest complete checkpoint" in error, error

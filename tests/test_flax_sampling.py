@@ -22,7 +22,6 @@ from flax_kandinsky.sampling import (
     PriorPipeline,
     Sampler,
     UnCLIPScheduler,
-    checkpoint_params,
     downscale_height_and_width,
     load_scheduler,
 )
@@ -231,6 +230,7 @@ def test_generate_checkpoint_errors(tiny_folders, tmp_path, backend, match):
 
 def test_checkpoint_params_and_overrides_must_fit(tiny_folders, sampler, monkeypatch):
     from flax_kandinsky import export
+    from flax_kandinsky.export import checkpoint_params
 
     stage = SimpleNamespace(spec=SimpleNamespace(name="decoder"))  # what the loader needs
     d = sampler.decoder

@@ -10,7 +10,8 @@ from tests.helpers import train_args
 
 
 def test_checkpoint_and_export_generate_the_same_image(tiny_folders, sample_dataset, tmp_path):
-    from flax_kandinsky.sampling import Sampler, checkpoint_params
+    from flax_kandinsky.export import checkpoint_params
+    from flax_kandinsky.sampling import Sampler
 
     prior, decoder = tiny_folders
     run = tmp_path / "run"

@@ -20,24 +20,12 @@ import zipfile
 from pathlib import Path
 
 from kandinsky_common import checkpoints as ck
-from kandinsky_common.errors import UserError
+from kandinsky_common.errors import CheckpointDamaged, UserError
 
 # accelerate's file names for the first prepared model and optimizer, and registered objects.
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.bin"
 CUSTOM_FILE = "custom_checkpoint_{}.pkl"
-
-
-class CheckpointDamaged(UserError):
-    """A checkpoint folder that is complete by name but cannot be read back."""
-
-    def __init__(self, path: str | Path, damage: str):
-        self.path = Path(path)
-        self.damage = damage
-        super().__init__(
-            f"checkpoint {path} is damaged ({damage}); resume from another checkpoint with "
-            "--resume_from_checkpoint, or delete it"
-        )
 
 
 def save(

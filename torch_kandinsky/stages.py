@@ -1,8 +1,9 @@
 """What the two stages differ in (docs/architecture.md, "Stages"), and nothing else.
 
-A Stage loads its frozen encoders and its trainable network from diffusers folders, encodes a numpy
-batch on the device (no grad), turns encoder outputs into x0, predicts with the trainable network,
-and names its schedule. Loop, step, optimizer, checkpoints and export are shared.
+Mirrors flax_kandinsky/stages.py. A Stage loads its frozen encoders and its trainable network from
+diffusers folders, encodes a numpy batch on the device (no grad), turns encoder outputs into x0,
+predicts with the trainable network, names its schedule, checkpoints its network's activations,
+builds its diffusers pipeline and exports it. Loop, step, optimizer and checkpoints are shared.
 """
 
 from __future__ import annotations
@@ -11,11 +12,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+from diffusers import (
+    DDPMScheduler,
+    KandinskyV22Pipeline,
+    KandinskyV22PriorPipeline,
+    PriorTransformer,
+    UnCLIPScheduler,
+    UNet2DConditionModel,
+    VQModel,
+)
+from torch.utils.checkpoint import checkpoint
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
 
 from kandinsky_common.errors import UserError
-from kandinsky_common.folders import check_pipeline_folder, read_config
+from kandinsky_common.flags import TrainConfig
+from kandinsky_common.folders import check_pipeline_folder, read_config, write_decoder_readme
 from kandinsky_common.schedule import NoiseSchedule
 from kandinsky_common.stage_spec import DECODER, PRIOR, StageSpec
 
@@ -42,10 +58,43 @@ def load_frozen(cls, folder: Path, subfolder: str, device, dtype) -> torch.nn.Mo
     return module.eval().to(device)
 
 
+def _prior_folder(path) -> Path:
+    return check_pipeline_folder(path, "prior", "--pretrained_prior_model_name_or_path")
+
+
+def _decoder_folder(path) -> Path:
+    return check_pipeline_folder(path, "decoder", "--pretrained_decoder_model_name_or_path")
+
+
+def image_processor(prior_folder) -> CLIPImageProcessorPil:
+    # The PIL processor: transformers' default one needs torchvision, which we do not install.
+    return CLIPImageProcessorPil.from_pretrained(prior_folder, subfolder="image_processor")
+
+
+def _checkpointed(block: torch.nn.Module):
+    original = block.forward
+
+    def forward(*args, **kwargs):
+        if not block.training or not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)
+
+    return forward
+
+
 class Stage:
+    """One trainable network, its frozen encoders and its noise schedule.
+
+    Subclasses set `folder` (the stage's pipeline folder), `prior_folder` (the prior pipeline
+    folder, whose image encoder and image processor both stages use), `weight_dtype` (of the
+    frozen parts) and one attribute per name in `frozen_parts`.
+    """
+
     spec: StageSpec
     model: torch.nn.Module  # the trainable network
     schedule: NoiseSchedule
+    # the pipeline components taken over from the pretrained folders, never trained
+    frozen_parts: tuple[str, ...]
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -58,15 +107,47 @@ class Stage:
             out[k] = t.to(dtype) if t.is_floating_point() else t
         return out
 
+    def float32_parts(self) -> dict:
+        """The frozen parts in float32, for an export.
+
+        --mixed_precision loads them in bf16/fp16 for training; exported so beside the fp32
+        trained network, the folder would not load without `torch_dtype` (mixed dtypes in one
+        pipeline), and casting back would write rounded weights. So those are read again from the
+        pretrained folder, on the CPU; parts already in float32 are used as they are.
+        """
+        parts = {}
+        for name in self.frozen_parts:
+            module = getattr(self, name)
+            if module.dtype != torch.float32:  # the pipeline subfolder is named as the attribute
+                module = load_frozen(type(module), self.folder, name, "cpu", torch.float32)
+            parts[name] = module
+        return parts
+
+    def export(self, model: torch.nn.Module, output_dir: str | Path) -> Path:
+        """The stage's diffusers pipeline folder with `model` as its trained network."""
+        out = Path(output_dir)
+        self.pipeline(model, self.float32_parts()).save_pretrained(out)
+        return out
+
 
 class PriorStage(Stage):
     """PriorTransformer on CLIP text (frozen) -> normalized CLIP image embedding (x0 target)."""
 
     spec = PRIOR
+    frozen_parts = ("text_encoder", "image_encoder")
 
-    def __init__(self, prior_dir: str, device, weight_dtype=torch.float32):
-        folder = check_pipeline_folder(prior_dir, "prior", "--pretrained_prior_model_name_or_path")
-        self.folder = folder
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, device, weight_dtype) -> PriorStage:
+        """The stage a training run's flags describe; validation also needs the decoder."""
+        decoder = None
+        if cfg.validation_prompts:
+            decoder = _decoder_folder(cfg.pretrained_decoder_model_name_or_path)
+        return cls(cfg.pretrained_prior_model_name_or_path, device, weight_dtype, decoder)
+
+    def __init__(self, prior_dir: str, device, weight_dtype=torch.float32, decoder_dir=None):
+        folder = _prior_folder(prior_dir)
+        self.folder = self.prior_folder = folder
+        self.decoder_folder = None if decoder_dir is None else Path(decoder_dir)
         self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         self.text_encoder = load_frozen(
             CLIPTextModelWithProjection, folder, "text_encoder", device, weight_dtype
@@ -114,11 +195,45 @@ class PriorStage(Stage):
             attention_mask=enc["text_mask"],
         ).predicted_image_embedding
 
+    def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
+        # diffusers has no switch for the prior: swap each block's forward on the instance, which
+        # keeps parameter names (state_dict keys) unchanged.
+        for block in model.transformer_blocks:
+            block.forward = _checkpointed(block)
+
+    def pipeline(self, model, frozen: dict | None = None) -> KandinskyV22PriorPipeline:
+        """KandinskyV22PriorPipeline with `model` as its prior, the stage's frozen parts or those
+        of `frozen` (name -> module)."""
+        parts = {name: getattr(self, name) for name in self.frozen_parts}
+        return KandinskyV22PriorPipeline(
+            prior=model,
+            tokenizer=self.tokenizer,
+            scheduler=UnCLIPScheduler.from_pretrained(self.folder, subfolder="scheduler"),
+            image_processor=image_processor(self.folder),
+            **{**parts, **(frozen or {})},
+        )
+
+    def validation_pipelines(self, model) -> tuple:
+        """(prior, decoder) pipelines in which `model` replaces the pretrained prior."""
+        return self.pipeline(model), KandinskyV22Pipeline.from_pretrained(self.decoder_folder)
+
 
 class DecoderStage(Stage):
     """UNet on MoVQ latents, conditioned on the CLIP image embedding (epsilon or v target)."""
 
     spec = DECODER
+    frozen_parts = ("movq",)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, device, weight_dtype) -> DecoderStage:
+        """The stage a training run's flags describe."""
+        return cls(
+            cfg.pretrained_decoder_model_name_or_path,
+            cfg.pretrained_prior_model_name_or_path,
+            device,
+            weight_dtype,
+            prediction_type=cfg.prediction_type,
+        )
 
     def __init__(
         self,
@@ -128,23 +243,16 @@ class DecoderStage(Stage):
         weight_dtype=torch.float32,
         prediction_type: str | None = None,
     ):
-        folder = check_pipeline_folder(
-            decoder_dir, "decoder", "--pretrained_decoder_model_name_or_path"
-        )
-        prior = check_pipeline_folder(prior_dir, "prior", "--pretrained_prior_model_name_or_path")
+        folder, prior = _decoder_folder(decoder_dir), _prior_folder(prior_dir)
         self.folder, self.prior_folder = folder, prior
         self.image_encoder = load_frozen(
             CLIPVisionModelWithProjection, prior, "image_encoder", device, weight_dtype
         )
         self.movq = load_frozen(VQModel, folder, "movq", device, weight_dtype)
         self.model = _load(UNet2DConditionModel, folder, "unet").to(device)
-        self.schedule = NoiseSchedule.from_config(
+        self.schedule = NoiseSchedule.for_training(
             read_config(folder / "scheduler"), prediction_type=prediction_type
         )
-        if self.schedule.prediction_type == "sample":
-            raise UserError(
-                "the decoder scheduler predicts 'sample'; pass --prediction_type epsilon"
-            )
         self.weight_dtype = weight_dtype
 
     @torch.no_grad()
@@ -165,3 +273,39 @@ class DecoderStage(Stage):
     def predict(self, model, x_t, timesteps, enc) -> torch.Tensor:
         out = model(x_t, timesteps, None, added_cond_kwargs={"image_embeds": enc["image_embeds"]})
         return out.sample[:, :4]  # channels 4..7 are the learned-variance head, unused in training
+
+    def enable_gradient_checkpointing(self, model: torch.nn.Module) -> None:
+        model.enable_gradient_checkpointing()
+
+    def pipeline(self, model, frozen: dict | None = None) -> KandinskyV22Pipeline:
+        """KandinskyV22Pipeline with `model` as its UNet, the stage's frozen parts or those of
+        `frozen` (name -> module)."""
+        parts = {name: getattr(self, name) for name in self.frozen_parts}
+        return KandinskyV22Pipeline(
+            unet=model,
+            scheduler=DDPMScheduler.from_pretrained(self.folder, subfolder="scheduler"),
+            **{**parts, **(frozen or {})},
+        )
+
+    def validation_pipelines(self, model) -> tuple:
+        """(prior, decoder) pipelines in which `model` replaces the pretrained UNet."""
+        prior = KandinskyV22PriorPipeline.from_pretrained(
+            self.prior_folder, image_processor=image_processor(self.prior_folder)
+        )
+        return prior, self.pipeline(model)
+
+    def export(self, model: torch.nn.Module, output_dir: str | Path) -> Path:
+        """KandinskyV22Pipeline folder with a README.md naming the prior, so
+        AutoPipelineForText2Image builds the combined pipeline."""
+        out = super().export(model, output_dir)
+        prior = str(self.prior_folder.resolve())
+        write_decoder_readme(out, prior=prior, base_model=str(self.folder))
+        return out
+
+
+STAGES: dict[str, type[Stage]] = {s.spec.name: s for s in (PriorStage, DecoderStage)}
+
+
+def make_stage(cfg: TrainConfig, stage_name: str, device, weight_dtype) -> Stage:
+    """The `stage_name` stage ("prior" or "decoder") of a training run's flags."""
+    return STAGES[stage_name].from_config(cfg, device, weight_dtype)

@@ -6,23 +6,46 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
 from PIL import Image
 
 from kandinsky_common.images import save_grid
-from torch_kandinsky.export import image_processor, trained_pipeline
 
 
-def build_pipelines(stage, model) -> tuple[KandinskyV22PriorPipeline, KandinskyV22Pipeline]:
-    """Prior and decoder pipelines in which the trained network replaces its pretrained twin."""
-    if stage.spec.name == "prior":
-        return trained_pipeline(stage, model), KandinskyV22Pipeline.from_pretrained(
-            stage.decoder_folder
+class Validator:
+    """Renders the run's validation prompts with the network being trained (its EMA weights when
+    the run keeps them) on the main process: a PNG grid and the trackers' image summaries.
+
+    Parameters:
+        cfg: the run's TrainConfig (prompts, resolution, validation steps, seed, output_dir).
+        stage: the Stage being trained: its network is the one the given model replaces.
+        accelerator: the run's Accelerator (device, main process, trackers).
+    """
+
+    def __init__(self, cfg, stage, accelerator):
+        self.cfg, self.stage, self.accelerator = cfg, stage, accelerator
+
+    def __call__(self, model, step: int, ema=None) -> Path | None:
+        acc, cfg = self.accelerator, self.cfg
+        if not acc.is_main_process:
+            return None
+        net = acc.unwrap_model(model)
+        if ema is not None:
+            ema.store(net.parameters())
+            ema.copy_to(net.parameters())
+        images = generate(
+            self.stage,
+            net,
+            cfg.validation_prompts,
+            size=cfg.resolution,
+            steps=cfg.validation_steps,
+            seed=cfg.seed,
+            device=acc.device,
         )
-    prior_pipe = KandinskyV22PriorPipeline.from_pretrained(
-        stage.prior_folder, image_processor=image_processor(stage.prior_folder)
-    )
-    return prior_pipe, trained_pipeline(stage, model)
+        if ema is not None:
+            ema.restore(net.parameters())
+        path = log_images(acc, images, step, cfg.output_dir)
+        acc.print(f"validation images: {path}")
+        return path
 
 
 @torch.no_grad()
@@ -53,7 +76,7 @@ def generate(stage, model, prompts, *, size, steps, seed, device) -> list[Image.
     """Validation images from the network being trained (put back in train mode after)."""
     was_training = model.training
     model.eval()
-    prior_pipe, decoder_pipe = build_pipelines(stage, model)
+    prior_pipe, decoder_pipe = stage.validation_pipelines(model)
     # Under --mixed_precision the frozen parts are bf16/fp16 and the trained network fp32; the
     # pipelines pass tensors between them in one dtype (the decoder hands the UNet's fp32 latents
     # to the movq), so they run under autocast, as the training forward does.

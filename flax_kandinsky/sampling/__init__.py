@@ -11,7 +11,7 @@ from flax_kandinsky.sampling.pipelines import (
     to_pil,
     use_cpu_low_memory_schedule,
 )
-from flax_kandinsky.sampling.sampler import Sampler, checkpoint_params, memory_failure
+from flax_kandinsky.sampling.sampler import Sampler, memory_failure
 from flax_kandinsky.sampling.schedulers import DDPMScheduler, UnCLIPScheduler, load_scheduler
 
 __all__ = [
@@ -20,7 +20,6 @@ __all__ = [
     "PriorPipeline",
     "Sampler",
     "UnCLIPScheduler",
-    "checkpoint_params",
     "downscale_height_and_width",
     "load_scheduler",
     "memory_failure",

@@ -1,5 +1,5 @@
-"""The combined text-to-image sampler (prior pipeline, then decoder pipeline), the weights of a
-flax training checkpoint for it, and how to tell a failed allocation from other sampling errors."""
+"""The combined text-to-image sampler (prior pipeline, then decoder pipeline), and how to tell a
+failed allocation from other sampling errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import jax
-from flax import nnx
 from jax.sharding import Mesh
 from PIL import Image
 
@@ -37,15 +36,6 @@ def memory_failure(e: BaseException) -> str | None:
     if platform == "cpu" and "YNNPACK operation failed: error" in text:
         return f"{where} (an XLA:CPU YNNPACK kernel could not allocate its buffers)"
     return None
-
-
-def checkpoint_params(checkpoint: str | Path, use_ema: bool = True) -> tuple[str, dict]:
-    """(stage name, trained params as a pure dict of arrays) of a flax training checkpoint folder
-    (checkpoint-N): the EMA weights when the run kept them and `use_ema`, else the live ones."""
-    from flax_kandinsky.export import load_checkpoint_model  # the training stack, only here
-
-    stage, model = load_checkpoint_model(checkpoint, use_ema)
-    return stage.spec.name, nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
 
 
 class Sampler:

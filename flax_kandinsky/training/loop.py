@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -17,13 +16,13 @@ from tqdm.auto import tqdm
 from flax_kandinsky import sharding as sh
 from flax_kandinsky.checkpoint import CheckpointStore
 from flax_kandinsky.sampling import memory_failure
-from flax_kandinsky.stages import DecoderStage, PriorStage
+from flax_kandinsky.stages import make_stage
 from flax_kandinsky.training.optim import make_optimizer
 from flax_kandinsky.training.step import encode_frozen, init_state, make_train_step, split_stage
 from flax_kandinsky.validation import Validator
 from kandinsky_common import noise as noise_stream
 from kandinsky_common.checkpoints import write_failed
-from kandinsky_common.errors import UserError
+from kandinsky_common.errors import NonFiniteLoss
 from kandinsky_common.flags import TrainConfig
 from kandinsky_common.hub import check_hub, push_folder
 from kandinsky_common.lr_schedules import learning_rate_at
@@ -31,10 +30,6 @@ from kandinsky_common.preemption import PreemptionGuard
 from kandinsky_common.preprocess import Prefetcher
 from kandinsky_common.run import NOTHING_LEFT, RunPlan, out_of_memory, plan_run, write_summary
 from kandinsky_common.tracking import Tracker
-
-
-class NonFiniteLoss(UserError):
-    """The loss became NaN/Inf; training stops, the last good checkpoint is kept."""
 
 
 def init_distributed(cfg: TrainConfig) -> None:
@@ -47,24 +42,6 @@ def init_distributed(cfg: TrainConfig) -> None:
         )
     elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
         jax.distributed.initialize()
-
-
-def make_stage(cfg: TrainConfig, stage_name: str):
-    bf16 = cfg.mixed_precision == "bf16"
-    kw = dict(
-        dtype=jnp.bfloat16 if bf16 else None,
-        frozen_dtype=jnp.bfloat16 if bf16 else jnp.float32,
-        remat=cfg.gradient_checkpointing,
-        attention=cfg.attention,
-    )
-    if stage_name == "prior":
-        return PriorStage(cfg.pretrained_prior_model_name_or_path, **kw)
-    return DecoderStage(
-        cfg.pretrained_decoder_model_name_or_path,
-        cfg.pretrained_prior_model_name_or_path,
-        prediction_type=cfg.prediction_type,
-        **kw,
-    )
 
 
 def host_batches(plan: RunPlan, stage, first_update: int, shape: tuple[int, ...]):
@@ -124,13 +101,12 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
 
     # Everything that can fail on user input happens before output_dir is touched.
     stage = make_stage(cfg, stage_name)
-    prior_folder = stage.folder if stage_name == "prior" else stage.prior_folder
     plan = plan_run(
         cfg,
         stage.spec,
         "flax",
         tokenizer=getattr(stage, "tokenizer", None),
-        prior_folder=prior_folder,
+        prior_folder=stage.prior_folder,
         num_processes=jax.process_count(),
         process_index=jax.process_index(),
         per_process_batch=cfg.train_batch_size * mesh.local_mesh.size,
@@ -233,7 +209,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         bar.set_postfix(step_loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
 
     preempted = False
-    validate = Validator(cfg, stage_name)
+    validate = Validator(cfg, stage)
     source = Prefetcher(device_batches(mesh, host_batches(plan, stage, global_step, shape)), 2)
     try:
         with PreemptionGuard(sigint=True) as guard:

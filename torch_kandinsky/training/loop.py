@@ -18,22 +18,19 @@ from kandinsky_common import checkpoints as ckpt_files
 from kandinsky_common import noise as noise_stream
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
-from kandinsky_common.folders import check_pipeline_folder
 from kandinsky_common.hub import check_hub, push_folder
 from kandinsky_common.preemption import PreemptionGuard
 from kandinsky_common.run import NOTHING_LEFT, out_of_memory, plan_run, write_summary
 from torch_kandinsky import checkpoint as ckpt
-from torch_kandinsky import validation
-from torch_kandinsky.export import export_pipeline
-from torch_kandinsky.stages import DecoderStage, PriorStage
+from torch_kandinsky.stages import make_stage
 from torch_kandinsky.training.optim import (
     check_xformers,
-    enable_gradient_checkpointing,
     make_ema,
     make_lr_scheduler,
     make_optimizer,
 )
 from torch_kandinsky.training.step import SkippedUpdates, train_step
+from torch_kandinsky.validation import Validator
 
 DTYPES = {None: torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -57,26 +54,6 @@ def _check_environment(cfg: TrainConfig) -> None:
     for name in ("wandb", "comet_ml"):
         if cfg.report_to == name and importlib.util.find_spec(name) is None:
             raise UserError(f"--report_to {name} needs `pip install {name}`; or use tensorboard")
-
-
-def make_stage(cfg: TrainConfig, stage_name: str, device, weight_dtype):
-    if stage_name == "prior":
-        stage = PriorStage(cfg.pretrained_prior_model_name_or_path, device, weight_dtype)
-        stage.decoder_folder = None
-        if cfg.validation_prompts:
-            stage.decoder_folder = check_pipeline_folder(
-                cfg.pretrained_decoder_model_name_or_path,
-                "decoder",
-                "--pretrained_decoder_model_name_or_path",
-            )
-        return stage
-    return DecoderStage(
-        cfg.pretrained_decoder_model_name_or_path,
-        cfg.pretrained_prior_model_name_or_path,
-        device,
-        weight_dtype,
-        prediction_type=cfg.prediction_type,
-    )
 
 
 def train(cfg: TrainConfig, stage_name: str) -> dict:
@@ -104,13 +81,12 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
 
     # Everything that can fail on user input happens before output_dir is touched.
     stage = make_stage(cfg, stage_name, accelerator.device, weight_dtype)
-    prior_folder = stage.folder if stage_name == "prior" else stage.prior_folder
     plan = plan_run(
         cfg,
         stage.spec,
         "torch",
         tokenizer=getattr(stage, "tokenizer", None),
-        prior_folder=prior_folder,
+        prior_folder=stage.prior_folder,
         num_processes=accelerator.num_processes,
         process_index=accelerator.process_index,
     )
@@ -125,7 +101,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
 
     model = stage.model
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model, stage_name)
+        stage.enable_gradient_checkpointing(model)
     if cfg.enable_xformers_memory_efficient_attention:
         model.enable_xformers_memory_efficient_attention()
     model.train()
@@ -175,6 +151,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
     if cfg.skip_nonfinite_updates:
         skips = SkippedUpdates((resumed or {}).get("skipped_updates", 0))
     preempted = False
+    validate = Validator(cfg, stage, accelerator)
     guard = PreemptionGuard(sigint=True)
     try:
         guard.__enter__()
@@ -236,7 +213,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
             # The last update is validated once, after the export, with the final weights.
             last = global_step == max_train_steps
             if not last and plan.validation_due(cfg, range(m, m + 1)):
-                _validate(accelerator, cfg, stage, model, ema, global_step)
+                validate(model, global_step, ema)
     except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one too
         what = _memory_failure(e)
         if what is None:
@@ -265,12 +242,12 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         if ema is not None:
             ema.copy_to(final.parameters())
         try:
-            export_pipeline(stage, final, cfg.output_dir)
+            stage.export(final, cfg.output_dir)
         except OSError as e:  # the last checkpoint is complete: a resumed run only exports
             out = Path(cfg.output_dir) / "export"
             raise ckpt_files.write_failed(out, e, "torch", what="the final pipeline folder") from e
         if cfg.validation_prompts:
-            _validate(accelerator, cfg, stage, model, None, global_step)
+            validate(model, global_step)
         elapsed = time.perf_counter() - t0
         summary.update(seconds=round(elapsed, 2), output_dir=str(out))
         write_summary(out, summary, losses)
@@ -311,25 +288,3 @@ def _encode_numpy(stage, batch, device) -> dict[str, np.ndarray]:
         k: v.cpu().numpy() if v.dtype == torch.bool else v.float().cpu().numpy()
         for k, v in enc.items()
     }
-
-
-def _validate(accelerator, cfg, stage, model, ema, step):
-    if not accelerator.is_main_process:
-        return
-    net = accelerator.unwrap_model(model)
-    if ema is not None:
-        ema.store(net.parameters())
-        ema.copy_to(net.parameters())
-    images = validation.generate(
-        stage,
-        net,
-        cfg.validation_prompts,
-        size=cfg.resolution,
-        steps=cfg.validation_steps,
-        seed=cfg.seed,
-        device=accelerator.device,
-    )
-    if ema is not None:
-        ema.restore(net.parameters())
-    path = validation.log_images(accelerator, images, step, cfg.output_dir)
-    accelerator.print(f"validation images: {path}")

@@ -1,4 +1,4 @@
-"""Optimizer, LR schedule, EMA and memory options for the trainable network (torch backend)."""
+"""Optimizer, LR schedule and EMA of the trainable network, and the xformers check (torch)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import importlib.util
 import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from torch.utils.checkpoint import checkpoint
 
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
@@ -62,25 +61,3 @@ def check_xformers(device: torch.device) -> None:
         )
     if device.type != "cuda":
         raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA GPU")
-
-
-def enable_gradient_checkpointing(model: torch.nn.Module, stage: str) -> None:
-    """UNet: diffusers' own switch. Prior: diffusers has none, so checkpoint each block."""
-    if stage == "decoder":
-        model.enable_gradient_checkpointing()
-        return
-    # diffusers has no switch for the prior: swap each block's forward on the instance, which
-    # keeps parameter names (state_dict keys) unchanged.
-    for block in model.transformer_blocks:
-        block.forward = _checkpointed(block)
-
-
-def _checkpointed(block: torch.nn.Module):
-    original = block.forward
-
-    def forward(*args, **kwargs):
-        if not block.training or not torch.is_grad_enabled():
-            return original(*args, **kwargs)
-        return checkpoint(original, *args, use_reentrant=False, **kwargs)
-
-    return forward

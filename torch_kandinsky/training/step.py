@@ -5,12 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kandinsky_common.errors import UserError
+from kandinsky_common.errors import NonFiniteLoss
 from torch_kandinsky.diffusion import add_noise, diffusion_loss, get_target
-
-
-class NonFiniteLoss(UserError):
-    """The loss became NaN/Inf; training stops, the last good checkpoint is kept."""
 
 
 def stage_loss(stage, model, enc, noise: torch.Tensor, timesteps: torch.Tensor, snr_gamma=None):
