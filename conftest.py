@@ -22,7 +22,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_folders(tmp_path_factory) -> tuple[Path, Path]:
     """(prior_dir, decoder_dir) with the "tiny" configs and seed 0; treat them as read-only."""
-    from torch_kandinsky.fixtures import build_kandinsky_folders
+    from kandinsky_fixtures.kandinsky_folders import build_kandinsky_folders
 
     return build_kandinsky_folders(tmp_path_factory.mktemp("tiny_kandinsky"), size="tiny", seed=0)
 
@@ -30,7 +30,7 @@ def tiny_folders(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def small_folders(tmp_path_factory) -> tuple[Path, Path]:
     """(prior_dir, decoder_dir) with the "small" configs and seed 0; treat them as read-only."""
-    from torch_kandinsky.fixtures import build_kandinsky_folders
+    from kandinsky_fixtures.kandinsky_folders import build_kandinsky_folders
 
     return build_kandinsky_folders(tmp_path_factory.mktemp("small_kandinsky"), size="small", seed=0)
 
@@ -38,6 +38,6 @@ def small_folders(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def sample_dataset(tmp_path_factory) -> Path:
     """An imagefolder of 32 real photos (JPEG/PNG) with metadata.jsonl captions; read-only."""
-    from kandinsky_common.sample_data import build_sample_dataset
+    from kandinsky_fixtures.sample_data import build_sample_dataset
 
     return build_sample_dataset(tmp_path_factory.mktemp("sample_dataset"), n=32, seed=0)

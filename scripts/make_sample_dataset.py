@@ -14,7 +14,7 @@ import sys
 
 from kandinsky_common.errors import run_cli
 from kandinsky_common.folders import user_path
-from kandinsky_common.sample_data import build_sample_dataset
+from kandinsky_fixtures.sample_data import build_sample_dataset
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

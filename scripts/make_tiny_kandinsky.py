@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Imported after parsing so that --help and flag errors do not wait for torch and diffusers.
-    from torch_kandinsky.fixtures import build_kandinsky_folders
+    from kandinsky_fixtures.kandinsky_folders import build_kandinsky_folders
 
     prior_dir, decoder_dir = build_kandinsky_folders(args.out, size=args.size, seed=args.seed)
     print(prior_dir)

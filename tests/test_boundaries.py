@@ -1,5 +1,6 @@
 """Import boundaries (docs/architecture.md, "Packages and import boundaries"): flax never imports
-torch, torch never imports jax, common imports neither; checked on every import statement, lazy
+torch, torch never imports jax, common imports neither, and no product package imports the test
+fixtures; checked on every import statement, lazy
 ones included."""
 
 from __future__ import annotations
@@ -11,8 +12,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
-    "flax_kandinsky": {"torch", "torchvision", "accelerate", "diffusers", "torch_kandinsky"},
-    "torch_kandinsky": {"jax", "jaxlib", "flax", "optax", "orbax", "flax_kandinsky"},
+    "flax_kandinsky": {
+        "torch",
+        "torchvision",
+        "accelerate",
+        "diffusers",
+        "torch_kandinsky",
+        "kandinsky_fixtures",
+    },
+    "torch_kandinsky": {"jax", "jaxlib", "flax", "optax", "orbax", "flax_kandinsky"}
+    | {"kandinsky_fixtures"},
     "kandinsky_common": {
         "torch",
         "accelerate",
@@ -23,6 +32,7 @@ FORBIDDEN = {
         "orbax",
         "torch_kandinsky",
         "flax_kandinsky",
+        "kandinsky_fixtures",
     },
 }
 

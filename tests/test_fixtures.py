@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kandinsky_common import clip_vocab
 from kandinsky_common.errors import UserError
 from kandinsky_common.model_configs import get_configs
-from kandinsky_common.sample_data import build_sample_dataset
+from kandinsky_fixtures import clip_vocab
+from kandinsky_fixtures.sample_data import build_sample_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 # Ids of OpenAI CLIP's tokenizer (openai/clip-vit-large-patch14, kandinsky-2-2-prior/tokenizer).
@@ -94,8 +94,8 @@ def test_failed_download_names_the_override(tmp_path, monkeypatch):
 def test_common_builders_stay_framework_free(tmp_path):
     code = (
         "import sys\n"
-        "from kandinsky_common.clip_vocab import build_clip_tokenizer\n"
-        "from kandinsky_common.sample_data import build_sample_dataset\n"
+        "from kandinsky_fixtures.clip_vocab import build_clip_tokenizer\n"
+        "from kandinsky_fixtures.sample_data import build_sample_dataset\n"
         f"build_clip_tokenizer({str(tmp_path / 'tok')!r})\n"
         f"build_sample_dataset({str(tmp_path / 'data')!r}, n=2)\n"
         "bad = [m for m in ('torch', 'jax', 'flax') if m in sys.modules]\n"
@@ -133,7 +133,7 @@ def test_folder_layout(tiny_folders):
 def test_prior_statistics_and_determinism(tiny_folders, tmp_path):
     from safetensors.numpy import load_file
 
-    from torch_kandinsky.fixtures import build_kandinsky_folders
+    from kandinsky_fixtures.kandinsky_folders import build_kandinsky_folders
 
     prior_w = load_file(tiny_folders[0] / "prior" / "diffusion_pytorch_model.safetensors")
     assert prior_w["clip_std"].min() > 0.4 and 0 < np.abs(prior_w["clip_mean"]).max() < 1

@@ -28,10 +28,10 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from kandinsky_common.clip_vocab import make_clip_tokenizer, write_vocab_files
 from kandinsky_common.errors import UserError
 from kandinsky_common.folders import write_decoder_readme
 from kandinsky_common.model_configs import get_configs
+from kandinsky_fixtures.clip_vocab import make_clip_tokenizer, write_vocab_files
 
 FIXTURE_SIZES = ("tiny", "small")
 
