@@ -7,6 +7,7 @@ decoder reads its folder's scheduler config (linear 0.00085 -> 0.012, prediction
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,19 @@ def make_betas(
     )
 
 
+def betas_from_config(config: Mapping) -> np.ndarray:
+    """The training betas a diffusers scheduler_config.json describes (diffusers' defaults for
+    absent keys): its trained_betas, or its beta_schedule over num_train_timesteps."""
+    if config.get("trained_betas") is not None:
+        return np.asarray(config["trained_betas"], dtype=np.float32)
+    return make_betas(
+        config.get("beta_schedule", "linear"),
+        int(config.get("num_train_timesteps", 1000)),
+        float(config.get("beta_start", 0.0001)),
+        float(config.get("beta_end", 0.02)),
+    )
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """Training-time view of a DDPM schedule: what add_noise, targets and Min-SNR need."""
@@ -72,15 +86,7 @@ class NoiseSchedule:
     @classmethod
     def from_config(cls, config: dict, prediction_type: str | None = None) -> NoiseSchedule:
         """Build from a diffusers scheduler_config.json dict (DDPM/DDIM/UnCLIP keys)."""
-        if config.get("trained_betas") is not None:
-            betas = np.asarray(config["trained_betas"], dtype=np.float32)
-        else:
-            betas = make_betas(
-                config.get("beta_schedule", "linear"),
-                int(config.get("num_train_timesteps", 1000)),
-                float(config.get("beta_start", 0.0001)),
-                float(config.get("beta_end", 0.02)),
-            )
+        betas = betas_from_config(config)
         pred = prediction_type or config.get("prediction_type", "epsilon")
         if pred not in PREDICTION_TYPES:
             raise UserError(f"prediction_type {pred!r} is not one of {PREDICTION_TYPES}")
@@ -101,17 +107,3 @@ class NoiseSchedule:
     def prior(cls) -> NoiseSchedule:
         """The prior script's DDPMScheduler("squaredcos_cap_v2", prediction_type="sample")."""
         return cls(betas=betas_for_alpha_bar(1000), prediction_type="sample")
-
-
-def min_snr_weights(snr: np.ndarray, gamma: float, prediction_type: str) -> np.ndarray:
-    """Min-SNR-gamma loss weights as the reference computes them (numpy reference implementation).
-
-    sample: min(SNR, g) (no division, as the prior script); epsilon: min(SNR, g) / SNR;
-    v_prediction: min(SNR, g) / (SNR + 1).
-    """
-    w = np.minimum(snr, np.float32(gamma)).astype(np.float32)
-    if prediction_type == "epsilon":
-        return w / snr
-    if prediction_type == "v_prediction":
-        return w / (snr + 1)
-    return w

@@ -24,7 +24,7 @@ from kandinsky_common.schedule import (
     PREDICTION_TYPES,
     NoiseSchedule,
     betas_for_alpha_bar,
-    make_betas,
+    betas_from_config,
 )
 
 Table = dict[str, np.ndarray]  # name -> (num_steps,) array; rows are inference steps
@@ -214,17 +214,8 @@ class DDPMScheduler:
             raise UserError(
                 f"decoder scheduler prediction_type {pred!r}: use one of {PREDICTION_TYPES}"
             )
-        if config.get("trained_betas") is not None:
-            betas = np.asarray(config["trained_betas"], dtype=np.float32)
-        else:
-            betas = make_betas(
-                config.get("beta_schedule", "linear"),
-                int(config.get("num_train_timesteps", 1000)),
-                float(config.get("beta_start", 0.0001)),
-                float(config.get("beta_end", 0.02)),
-            )
         return cls(
-            betas=betas,
+            betas=betas_from_config(config),
             prediction_type=pred,
             variance_type=variance,
             clip_sample=bool(config.get("clip_sample", True)),
