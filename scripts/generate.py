@@ -54,6 +54,19 @@ def check_checkpoint(a) -> None:
     )
 
 
+def torch_images(a) -> list:
+    from kandinsky_common.folders import check_pipeline_folder
+
+    prior = check_pipeline_folder(a.prior, "prior", "--prior")
+    decoder = check_pipeline_folder(a.decoder, "decoder", "--decoder")
+    from torch_kandinsky.sampling import Sampler
+
+    sampler = Sampler.from_folders(prior, decoder)
+    return sampler.generate(
+        a.prompt, height=a.size, width=a.size, decoder_steps=a.steps, seed=a.seed
+    )
+
+
 def flax_images(a) -> list:
     from kandinsky_common.folders import check_pipeline_folder
 
@@ -85,20 +98,6 @@ def flax_images(a) -> list:
             f"generating {len(a.prompt)} image(s) of {a.size}x{a.size} px ran out of {what}; "
             f"try {fixes}"
         ) from None
-
-
-def save(images, out_dir: str) -> list[Path]:
-    from kandinsky_common.images import save_grid
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, im in enumerate(images):
-        paths.append(out / f"{i:03d}.png")
-        im.save(paths[-1])
-    if len(images) > 1:
-        paths.append(save_grid(images, out / "grid.png"))
-    return paths
 
 
 def main(argv=None):
@@ -136,18 +135,16 @@ def main(argv=None):
     if a.checkpoint is not None:
         check_checkpoint(a)
     if a.backend == "torch":
-        from torch_kandinsky.generate import generate_images
-
-        paths = generate_images(
-            a.prior, a.decoder, a.prompt, size=a.size, steps=a.steps, seed=a.seed, out_dir=a.out
-        )
+        images = torch_images(a)
     else:
         if a.attention == "chunked":
             from flax_kandinsky.sampling import use_cpu_low_memory_schedule
 
             use_cpu_low_memory_schedule()
-        paths = save(flax_images(a), a.out)
-    for path in paths:
+        images = flax_images(a)
+    from kandinsky_common.images import save_images
+
+    for path in save_images(images, a.out):
         print(path)
 
 

@@ -23,7 +23,6 @@ from diffusers import (
 )
 from torch.utils.checkpoint import checkpoint
 from transformers import (
-    CLIPImageProcessorPil,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPVisionModelWithProjection,
@@ -34,6 +33,7 @@ from kandinsky_common.flags import TrainConfig
 from kandinsky_common.folders import check_pipeline_folder, read_config, write_decoder_readme
 from kandinsky_common.schedule import NoiseSchedule
 from kandinsky_common.stage_spec import DECODER, PRIOR, StageSpec
+from torch_kandinsky.sampling import image_processor
 
 
 def _load(cls, folder: Path, subfolder: str, **kw):
@@ -64,11 +64,6 @@ def _prior_folder(path) -> Path:
 
 def _decoder_folder(path) -> Path:
     return check_pipeline_folder(path, "decoder", "--pretrained_decoder_model_name_or_path")
-
-
-def image_processor(prior_folder) -> CLIPImageProcessorPil:
-    # The PIL processor: transformers' default one needs torchvision, which we do not install.
-    return CLIPImageProcessorPil.from_pretrained(prior_folder, subfolder="image_processor")
 
 
 def _checkpointed(block: torch.nn.Module):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from kandinsky_common.images import save_grid
+from torch_kandinsky.sampling import Sampler
 
 
 class Validator:
@@ -48,30 +49,6 @@ class Validator:
         return path
 
 
-@torch.no_grad()
-def run_pipelines(
-    prior_pipe, decoder_pipe, prompts: list[str], *, size: int, steps: int, seed, device
-) -> list[Image.Image]:
-    """One image per prompt (prior 25 steps, guidance 4 as the reference; decoder `steps`)."""
-    for p in (prior_pipe, decoder_pipe):
-        p.to(device)
-        p.set_progress_bar_config(disable=True)
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    images = []
-    for prompt in prompts:
-        embeds, negative = prior_pipe(prompt, generator=generator).to_tuple()
-        out = decoder_pipe(
-            image_embeds=embeds,
-            negative_image_embeds=negative,
-            height=size,
-            width=size,
-            num_inference_steps=steps,
-            generator=generator,
-        )
-        images.append(out.images[0])
-    return images
-
-
 def generate(stage, model, prompts, *, size, steps, seed, device) -> list[Image.Image]:
     """Validation images from the network being trained (put back in train mode after)."""
     was_training = model.training
@@ -82,9 +59,8 @@ def generate(stage, model, prompts, *, size, steps, seed, device) -> list[Image.
     # to the movq), so they run under autocast, as the training forward does.
     mixed = stage.weight_dtype != torch.float32
     with torch.autocast(device.type, dtype=stage.weight_dtype, enabled=mixed):
-        images = run_pipelines(
-            prior_pipe, decoder_pipe, prompts, size=size, steps=steps, seed=seed, device=device
-        )
+        sampler = Sampler(prior_pipe, decoder_pipe, device)
+        images = sampler.generate(prompts, height=size, width=size, decoder_steps=steps, seed=seed)
     model.train(was_training)
     return images
 

@@ -29,7 +29,7 @@ from torch_kandinsky.training.optim import (
     make_lr_scheduler,
     make_optimizer,
 )
-from torch_kandinsky.training.step import SkippedUpdates, train_step
+from torch_kandinsky.training.step import SkippedUpdates, any_process, train_step
 from torch_kandinsky.validation import Validator
 
 DTYPES = {None: torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -194,7 +194,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                 bar.set_postfix(
                     step_loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}"
                 )
-                stop = _agreed(accelerator, guard.requested)
+                stop = any_process(accelerator, guard.requested)
                 due = global_step % cfg.checkpointing_steps == 0
                 if due or global_step == max_train_steps or stop:
                     ckpt.save(
@@ -271,14 +271,6 @@ def _memory_failure(e: RuntimeError) -> str | None:
 def _skip_state(skips) -> dict:
     """--skip_nonfinite_updates: the count, for the summary and the checkpoint's state."""
     return {} if skips is None else {"skipped_updates": skips.count}
-
-
-def _agreed(accelerator, requested: bool) -> bool:
-    """Every process stops at the same update if any of them was asked to."""
-    if accelerator.num_processes == 1:
-        return requested
-    flag = torch.tensor([float(requested)], device=accelerator.device)
-    return bool(accelerator.gather(flag).max().item() > 0)
 
 
 def _encode_numpy(stage, batch, device) -> dict[str, np.ndarray]:

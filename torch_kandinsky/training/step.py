@@ -72,7 +72,7 @@ def train_step(
         accelerator.backward(loss)
         if accelerator.sync_gradients and agree:
             held, _HELD["loss"] = _HELD["loss"], None
-            if _any_process(accelerator, held is not None):
+            if any_process(accelerator, held is not None):
                 bad = held if held is not None else "non-finite on another process"
                 raise NonFiniteLoss(_loss_message(bad, accelerator))
         if accelerator.sync_gradients:
@@ -87,7 +87,7 @@ def train_step(
                     "last checkpoint, or pass --skip_nonfinite_updates"
                 )
             if skip is not None:
-                bad = _any_process(accelerator, skip.poisoned or not finite)
+                bad = any_process(accelerator, skip.poisoned or not finite)
                 skip.poisoned, skip.last_skipped = False, bad
                 if bad:
                     skip.count += 1
@@ -111,8 +111,9 @@ def _loss_message(value, accelerator) -> str:
     )
 
 
-def _any_process(accelerator, flag: bool) -> bool:
-    """All processes skip together (a local loss can be inf with finite synced gradients)."""
+def any_process(accelerator, flag: bool) -> bool:
+    """Whether any process raised `flag`: all processes skip an update or stop together (a local
+    loss can be inf with finite synced gradients; one host can be told to stop)."""
     if accelerator.num_processes == 1:
         return flag
     t = torch.tensor([float(flag)], device=accelerator.device)
