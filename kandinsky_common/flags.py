@@ -2,7 +2,7 @@
 
 Field names, types and defaults are those of `train_text_to_image_prior.py` and
 `train_text_to_image_decoder.py` (44 flags, the union of the two), so their command lines paste
-unchanged. Flags we add are listed in OUR_FLAGS and documented in the README. Parsing is
+unchanged. Flags we add are listed in OUR_FLAGS and documented in docs/flags.md. Parsing is
 transformers.HfArgumentParser: command-line flags, or a single .json / .yaml file.
 """
 
@@ -162,9 +162,9 @@ CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 def _description(stage: str) -> str:
     return (
         f"Fine-tune the Kandinsky 2.2 {stage} with the flags of diffusers' "
-        f"train_text_to_image_{stage}.py, plus --backend flax|torch and the flags marked in the "
-        "README. Flags may also come from a JSON or YAML file given first (keys are flag names); "
-        "flags after it override the file."
+        f"train_text_to_image_{stage}.py, plus --backend flax|torch and the flags marked (ours) "
+        "in docs/flags.md. Flags may also come from a JSON or YAML file given first (keys are "
+        "flag names); flags after it override the file."
     )
 
 
