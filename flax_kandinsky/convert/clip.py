@@ -8,43 +8,35 @@ from __future__ import annotations
 
 import numpy as np
 
-from flax_kandinsky.convert.engine import CONV, LINEAR, ConversionError, Rule, Table
-
-
-def linear(torch_module: str, bias: bool = True) -> list[Rule]:
-    rules = [Rule(f"{torch_module}.weight", f"{torch_module}.kernel", LINEAR)]
-    return rules + [Rule(f"{torch_module}.bias", f"{torch_module}.bias")] if bias else rules
-
-
-def norm(torch_module: str) -> list[Rule]:
-    return [
-        Rule(f"{torch_module}.weight", f"{torch_module}.scale"),
-        Rule(f"{torch_module}.bias", f"{torch_module}.bias"),
-    ]
-
-
-def embedding(torch_module: str) -> list[Rule]:
-    return [Rule(f"{torch_module}.weight", f"{torch_module}.embedding")]
+from flax_kandinsky.convert.engine import (
+    CONV,
+    ConversionError,
+    Rule,
+    Table,
+    embedding_rules,
+    linear_rules,
+    norm_rules,
+)
 
 
 def _encoder(prefix: str) -> list[Rule]:
     layer = f"{prefix}.encoder.layers.{{i}}"
     rules = []
     for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        rules += linear(f"{layer}.self_attn.{proj}")
+        rules += linear_rules(f"{layer}.self_attn.{proj}")
     for fc in ("fc1", "fc2"):
-        rules += linear(f"{layer}.mlp.{fc}")
-    return rules + norm(f"{layer}.layer_norm1") + norm(f"{layer}.layer_norm2")
+        rules += linear_rules(f"{layer}.mlp.{fc}")
+    return rules + norm_rules(f"{layer}.layer_norm1") + norm_rules(f"{layer}.layer_norm2")
 
 
 TEXT_TABLE = Table(
     "CLIPTextModelWithProjection",
     tuple(
-        embedding("text_model.embeddings.token_embedding")
-        + embedding("text_model.embeddings.position_embedding")
+        embedding_rules("text_model.embeddings.token_embedding")
+        + embedding_rules("text_model.embeddings.position_embedding")
         + _encoder("text_model")
-        + norm("text_model.final_layer_norm")
-        + linear("text_projection", bias=False)
+        + norm_rules("text_model.final_layer_norm")
+        + linear_rules("text_projection", bias=False)
     ),
 )
 
@@ -61,11 +53,11 @@ VISION_TABLE = Table(
                 CONV,
             ),
         ]
-        + embedding("vision_model.embeddings.position_embedding")
-        + norm("vision_model.pre_layrnorm")
+        + embedding_rules("vision_model.embeddings.position_embedding")
+        + norm_rules("vision_model.pre_layrnorm")
         + _encoder("vision_model")
-        + norm("vision_model.post_layernorm")
-        + linear("visual_projection", bias=False)
+        + norm_rules("vision_model.post_layernorm")
+        + linear_rules("visual_projection", bias=False)
     ),
 )
 

@@ -120,6 +120,31 @@ class Table:
         return out
 
 
+# The rules of the common layers, shared by every table: the torch leaf `weight` becomes the Flax
+# `kernel` (Linear, Conv2d: transposed), `scale` (norms) or `embedding`; biases keep their name.
+def _bias(p: str) -> Rule:
+    return Rule(f"{p}.bias", f"{p}.bias")
+
+
+def linear_rules(*prefixes: str, bias: bool = True) -> list[Rule]:
+    rules = []
+    for p in prefixes:
+        rules += [Rule(f"{p}.weight", f"{p}.kernel", LINEAR), *([_bias(p)] if bias else [])]
+    return rules
+
+
+def conv_rules(*prefixes: str) -> list[Rule]:
+    return [r for p in prefixes for r in (Rule(f"{p}.weight", f"{p}.kernel", CONV), _bias(p))]
+
+
+def norm_rules(*prefixes: str) -> list[Rule]:
+    return [r for p in prefixes for r in (Rule(f"{p}.weight", f"{p}.scale"), _bias(p))]
+
+
+def embedding_rules(*prefixes: str) -> list[Rule]:
+    return [Rule(f"{p}.weight", f"{p}.embedding") for p in prefixes]
+
+
 def _key(path) -> str:
     return ".".join(str(getattr(p, "key", p)) for p in path)
 

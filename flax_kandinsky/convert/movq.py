@@ -8,8 +8,7 @@ are accepted on the way in and written back in the current naming.
 
 from __future__ import annotations
 
-from flax_kandinsky.convert.engine import LINEAR, Rule, Table
-from flax_kandinsky.convert.unet import conv_rules, linear_rules, norm_rules
+from flax_kandinsky.convert.engine import LINEAR, Rule, Table, conv_rules, linear_rules, norm_rules
 
 _OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 

@@ -6,23 +6,13 @@ to (in, out) / (kh, kw, in, out)), norm `weight` -> `scale`; biases keep their n
 
 from __future__ import annotations
 
-from flax_kandinsky.convert.engine import CONV, LINEAR, Rule, Table
-
-
-def linear_rules(*prefixes: str) -> list[Rule]:
-    return [r for p in prefixes for r in (Rule(f"{p}.weight", f"{p}.kernel", LINEAR), _bias(p))]
-
-
-def conv_rules(*prefixes: str) -> list[Rule]:
-    return [r for p in prefixes for r in (Rule(f"{p}.weight", f"{p}.kernel", CONV), _bias(p))]
-
-
-def norm_rules(*prefixes: str) -> list[Rule]:
-    return [r for p in prefixes for r in (Rule(f"{p}.weight", f"{p}.scale"), _bias(p))]
-
-
-def _bias(p: str) -> Rule:
-    return Rule(f"{p}.bias", f"{p}.bias")
+from flax_kandinsky.convert.engine import (
+    Rule,
+    Table,
+    conv_rules,
+    linear_rules,
+    norm_rules,
+)
 
 
 def _resnet(p: str) -> list[Rule]:
