@@ -228,7 +228,8 @@ def test_pipeline_end_to_end_without_torch_or_jax(tmp_path):
     code = f"""
 import sys
 from kandinsky_common.data import load_train_dataset
-from kandinsky_common.preprocess import BatchBuilder, Prefetcher
+from kandinsky_common.preprocess import BatchBuilder
+from kandinsky_common.prefetch import Prefetcher
 from kandinsky_common.sampler import EpochSampler
 ds = load_train_dataset(None, None, {str(root)!r}, {str(tmp_path / "c")!r}, "image", None, 4, 0)
 sampler = EpochSampler(len(ds), 3, seed=0)

@@ -12,9 +12,9 @@ from PIL import Image
 
 from kandinsky_common.errors import UserError
 from kandinsky_common.model_configs import IMAGE_PROCESSOR
+from kandinsky_common.prefetch import Prefetcher
 from kandinsky_common.preprocess import (
     BatchBuilder,
-    Prefetcher,
     caption_choice,
     choose_caption,
     clip_pixels,

@@ -27,7 +27,7 @@ from kandinsky_common.flags import TrainConfig
 from kandinsky_common.hub import check_hub, push_folder
 from kandinsky_common.lr_schedules import learning_rate_at
 from kandinsky_common.preemption import PreemptionGuard
-from kandinsky_common.preprocess import Prefetcher
+from kandinsky_common.prefetch import Prefetcher
 from kandinsky_common.run import NOTHING_LEFT, RunPlan, out_of_memory, plan_run, write_summary
 from kandinsky_common.tracking import Tracker
 

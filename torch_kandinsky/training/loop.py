@@ -24,7 +24,6 @@ from kandinsky_common.run import NOTHING_LEFT, out_of_memory, plan_run, write_su
 from torch_kandinsky import checkpoint as ckpt
 from torch_kandinsky.stages import make_stage
 from torch_kandinsky.training.optim import (
-    check_xformers,
     make_ema,
     make_lr_scheduler,
     make_optimizer,
@@ -77,7 +76,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if cfg.enable_xformers_memory_efficient_attention:
-        check_xformers(accelerator.device)
+        _check_xformers(accelerator.device)
 
     # Everything that can fail on user input happens before output_dir is touched.
     stage = make_stage(cfg, stage_name, accelerator.device, weight_dtype)
@@ -280,3 +279,13 @@ def _encode_numpy(stage, batch, device) -> dict[str, np.ndarray]:
         k: v.cpu().numpy() if v.dtype == torch.bool else v.float().cpu().numpy()
         for k, v in enc.items()
     }
+
+
+def _check_xformers(device: torch.device) -> None:
+    if importlib.util.find_spec("xformers") is None:
+        raise UserError(
+            "--enable_xformers_memory_efficient_attention needs xformers (`pip install xformers`); "
+            "without it PyTorch's SDPA attention is used, which is already memory-efficient"
+        )
+    if device.type != "cuda":
+        raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA GPU")

@@ -1,4 +1,4 @@
-"""Optimizer, LR schedule and EMA of the trainable network, and the xformers check (torch)."""
+"""Optimizer, LR schedule and EMA of the trainable network (torch)."""
 
 from __future__ import annotations
 
@@ -51,13 +51,3 @@ def make_ema(model: torch.nn.Module) -> EMAModel:
         model_cls=type(model),
         model_config=model.config,
     )
-
-
-def check_xformers(device: torch.device) -> None:
-    if importlib.util.find_spec("xformers") is None:
-        raise UserError(
-            "--enable_xformers_memory_efficient_attention needs xformers (`pip install xformers`); "
-            "without it PyTorch's SDPA attention is used, which is already memory-efficient"
-        )
-    if device.type != "cuda":
-        raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA GPU")
