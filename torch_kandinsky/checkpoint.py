@@ -28,35 +28,6 @@ OPTIMIZER_FILE = "optimizer.bin"
 CUSTOM_FILE = "custom_checkpoint_{}.pkl"
 
 
-def save(
-    accelerator, output_dir, step: int, model, stage_spec, state: dict, limit=None, ema=None
-) -> Path:
-    """Every process calls this (accelerate writes per-process RNG files); main renames."""
-    tmp = ck.temp_dir(output_dir, step)
-    final = ck.checkpoint_dir(output_dir, step)
-    if accelerator.is_main_process:
-        # Saves of one run are sequential: any temporary folder now is a killed run's leftover.
-        for stale in ck.stale_temp_dirs(output_dir):
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(tmp / stage_spec.model_subfolder)
-            if ema is not None:  # as the reference: <model>_ema/, loadable by from_pretrained
-                ema.save_pretrained(str(tmp / f"{stage_spec.model_subfolder}_ema"))
-            ck.write_state(tmp, state)
-    except Exception as e:  # a full disk shows as OSError, or as RuntimeError from torch.save
-        error = ck.write_failed(final, e, "torch")
-        shutil.rmtree(tmp, ignore_errors=True)  # never a checkpoint; give the space back
-        raise error from e
-    if accelerator.is_main_process:
-        ck.finalize(tmp, final)
-        ck.prune(output_dir, limit, keep_room_for_one=False)
-    accelerator.wait_for_everyone()
-    return final
-
-
 def _brief(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= 200 else text[:197] + "..."
@@ -95,59 +66,113 @@ def _check_files(path: Path, model, num_custom: int) -> None:
         )
 
 
-def load(accelerator, path: Path, model=None) -> dict:
-    """Restore the accelerate state of `path` into the prepared objects; returns its JSON state.
+class CheckpointStore:
+    """The torch run's checkpoints in `output_dir`: crash-safe writes, pruning to `max_to_keep`,
+    restores that name the damaged file, and 'latest' falling back past damaged ones.
 
-    Raises CheckpointDamaged for a missing, truncated or unloadable file.
+    Mirrors flax_kandinsky.checkpoint.CheckpointStore.
+
+    Parameters:
+        accelerator: the run's Accelerator (every process calls save and restore together).
+        output_dir: the run's output folder (checkpoint-N folders inside).
+        max_to_keep: --checkpoints_total_limit (None keeps all).
+        model_subfolder: where the trained network's diffusers folder goes ("prior" or "unet").
     """
-    path = Path(path)
-    try:
-        state = ck.read_state(path)
-    except UserError as e:
-        raise CheckpointDamaged(path, f"{ck.STATE_FILE} is unreadable") from e
-    if model is not None:
-        _check_files(path, accelerator.unwrap_model(model), len(accelerator._custom_objects))
-    try:
-        accelerator.load_state(str(path))
-    except MemoryError:
-        raise  # not the checkpoint's fault
-    except Exception as e:
-        raise CheckpointDamaged(path, f"accelerate cannot load it: {_brief(e)}") from e
-    return state
 
+    def __init__(self, accelerator, output_dir, max_to_keep: int | None, model_subfolder: str):
+        self.accelerator = accelerator
+        self.output_dir = Path(output_dir)
+        self.max_to_keep = max_to_keep
+        self.model_subfolder = model_subfolder
 
-def _warn(accelerator, message: str) -> None:
-    if accelerator.is_main_process:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+    def path(self, step: int) -> Path:
+        return ck.checkpoint_dir(self.output_dir, step)
 
+    def steps(self) -> list[int]:
+        return [step for step, _ in ck.complete_checkpoints(self.output_dir, "torch")]
 
-def resume(accelerator, plan, model, requested: str | None) -> dict | None:
-    """Load the checkpoint the run resumes from: its JSON state, or None for a fresh start.
-
-    An explicit checkpoint must load. 'latest' takes the newest complete checkpoint that loads,
-    warning about each damaged one it passes over, and points `plan.resume`/`plan.resumed_state`
-    at the one used (the data position follows it). If all are damaged, that is an error, not a
-    silent fresh start.
-    """
-    if plan.resume is None:
-        return None
-    if requested != "latest":
-        return load(accelerator, plan.resume, model)
-    found = [p for _, p in reversed(ck.complete_checkpoints(plan.resume.parent, "torch"))]
-    damaged = []
-    for i, path in enumerate(found):
+    def save(self, step: int, model, meta: dict, ema=None) -> Path:
+        """Every process calls this (accelerate writes per-process RNG files); main renames."""
+        acc, out = self.accelerator, self.output_dir
+        tmp = ck.temp_dir(out, step)
+        final = self.path(step)
+        if acc.is_main_process:
+            # Saves of one run are sequential: any temporary folder now is a killed run's leftover.
+            for stale in ck.stale_temp_dirs(out):
+                shutil.rmtree(stale, ignore_errors=True)
+        acc.wait_for_everyone()
         try:
-            state = load(accelerator, path, model)
-        except CheckpointDamaged as e:
-            damaged.append(e)
-            fallback = found[i + 1].name if i + 1 < len(found) else "nothing older"
-            _warn(accelerator, f"{path.name} is damaged ({e.damage}); trying {fallback}")
-            continue
-        ck.check_compatible(state, stage=plan.spec.name, backend="torch", path=path)
-        plan.resume, plan.resumed_state = path, state
+            acc.save_state(str(tmp), safe_serialization=True)
+            if acc.is_main_process:
+                acc.unwrap_model(model).save_pretrained(tmp / self.model_subfolder)
+                if ema is not None:  # as the reference: <model>_ema/, loadable by from_pretrained
+                    ema.save_pretrained(str(tmp / f"{self.model_subfolder}_ema"))
+                ck.write_state(tmp, meta)
+        except Exception as e:  # a full disk shows as OSError, or as RuntimeError from torch.save
+            error = ck.write_failed(final, e, "torch")
+            shutil.rmtree(tmp, ignore_errors=True)  # never a checkpoint; give the space back
+            raise error from e
+        if acc.is_main_process:
+            ck.finalize(tmp, final)
+            ck.prune(out, self.max_to_keep, keep_room_for_one=False)
+        acc.wait_for_everyone()
+        return final
+
+    def restore(self, path: str | Path, model=None) -> dict:
+        """Restore the accelerate state of `path` into the prepared objects; returns its JSON state.
+
+        Raises CheckpointDamaged for a missing, truncated or unloadable file.
+        """
+        path = Path(path)
+        try:
+            state = ck.read_state(path)
+        except UserError as e:
+            raise CheckpointDamaged(path, f"{ck.STATE_FILE} is unreadable") from e
+        if model is not None:
+            _check_files(
+                path,
+                self.accelerator.unwrap_model(model),
+                len(self.accelerator._custom_objects),
+            )
+        try:
+            self.accelerator.load_state(str(path))
+        except MemoryError:
+            raise  # not the checkpoint's fault
+        except Exception as e:
+            raise CheckpointDamaged(path, f"accelerate cannot load it: {_brief(e)}") from e
         return state
-    raise UserError(
-        f"every checkpoint in {plan.resume.parent} is damaged ("
-        + "; ".join(f"{e.path.name}: {e.damage}" for e in damaged)
-        + "); delete them to start over, or use another --output_dir"
-    )
+
+    def _warn(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def resume(self, plan, model, requested: str | None) -> dict | None:
+        """Load the checkpoint the run resumes from: its JSON state, or None for a fresh start.
+
+        An explicit checkpoint must load. 'latest' takes the newest complete checkpoint that loads,
+        warning about each damaged one it passes over, and points `plan.resume`/`plan.resumed_state`
+        at the one used (the data position follows it). If all are damaged, that is an error, not a
+        silent fresh start.
+        """
+        if plan.resume is None:
+            return None
+        if requested != "latest":
+            return self.restore(plan.resume, model)
+        found = [p for _, p in reversed(ck.complete_checkpoints(plan.resume.parent, "torch"))]
+        damaged = []
+        for i, path in enumerate(found):
+            try:
+                state = self.restore(path, model)
+            except CheckpointDamaged as e:
+                damaged.append(e)
+                fallback = found[i + 1].name if i + 1 < len(found) else "nothing older"
+                self._warn(f"{path.name} is damaged ({e.damage}); trying {fallback}")
+                continue
+            ck.check_compatible(state, stage=plan.spec.name, backend="torch", path=path)
+            plan.resume, plan.resumed_state = path, state
+            return state
+        raise UserError(
+            f"every checkpoint in {plan.resume.parent} is damaged ("
+            + "; ".join(f"{e.path.name}: {e.damage}" for e in damaged)
+            + "); delete them to start over, or use another --output_dir"
+        )

@@ -21,7 +21,7 @@ from kandinsky_common.flags import TrainConfig
 from kandinsky_common.hub import check_hub, push_folder
 from kandinsky_common.preemption import PreemptionGuard
 from kandinsky_common.run import NOTHING_LEFT, out_of_memory, plan_run, write_summary
-from torch_kandinsky import checkpoint as ckpt
+from torch_kandinsky.checkpoint import CheckpointStore
 from torch_kandinsky.stages import make_stage
 from torch_kandinsky.training.optim import (
     make_ema,
@@ -113,10 +113,13 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
 
+    store = CheckpointStore(
+        accelerator, out, cfg.checkpoints_total_limit, stage.spec.model_subfolder
+    )
     global_step, resumed = 0, None
     if plan.resume is not None:
         # 'latest' falls back past damaged checkpoints (warning); plan.resume follows.
-        resumed = ckpt.resume(accelerator, plan, model, cfg.resume_from_checkpoint)
+        resumed = store.resume(plan, model, cfg.resume_from_checkpoint)
         global_step = resumed["global_step"]
         accelerator.print(f"resumed from {plan.resume} at update {global_step}")
         if plan.finished:
@@ -196,16 +199,8 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                 stop = any_process(accelerator, guard.requested)
                 due = global_step % cfg.checkpointing_steps == 0
                 if due or global_step == max_train_steps or stop:
-                    ckpt.save(
-                        accelerator,
-                        out,
-                        global_step,
-                        model,
-                        stage.spec,
-                        plan.state(global_step, cfg, **_skip_state(skips)),
-                        limit=cfg.checkpoints_total_limit,
-                        ema=ema,
-                    )
+                    meta = plan.state(global_step, cfg, **_skip_state(skips))
+                    store.save(global_step, model, meta, ema=ema)
                 if stop:  # preemption: the checkpoint is saved, the job ends cleanly
                     preempted = True
                     break
