@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from flax_kandinsky import sharding as sh
 from flax_kandinsky.stages import STAGES, Stage
 from flax_kandinsky.training.optim import make_optimizer
-from flax_kandinsky.training.step import init_state, make_train_step, split_stage
+from flax_kandinsky.training.step import abstract_inputs, init_state, make_train_step, split_stage
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
 from kandinsky_common.model_configs import get_configs
@@ -113,10 +113,6 @@ def abstract_stage(spec: PlanSpec) -> Stage:
     )
 
 
-def _sds(shape, dtype):
-    return jax.ShapeDtypeStruct(tuple(shape), dtype)
-
-
 def lower_step(spec: PlanSpec, mesh: Mesh):
     """The jitted update of training/step.py for `spec` on `mesh`, lowered from shapes."""
     stage = abstract_stage(spec)
@@ -139,11 +135,8 @@ def lower_step(spec: PlanSpec, mesh: Mesh):
         encoded=cached,
     )
     b = spec.batch_per_core * mesh.size  # global batch; accumulation 1 (leading axis)
-    shapes = stage.batch_shapes(b, spec.resolution, cached)
-    batch = {k: _sds((1, *s), d) for k, (s, d) in shapes.items()}
-    noise = _sds((1, *stage.noise_shape(b, spec.resolution)), jnp.float32)
-    timesteps = _sds((1, b), jnp.int32)
-    return step.fn.lower(state, consts, batch, noise, timesteps)
+    inputs = abstract_inputs(stage, b, 1, spec.resolution, cached, mesh)
+    return step.fn.lower(state, consts, *inputs)
 
 
 _COLLECTIVE = re.compile(

@@ -241,6 +241,8 @@ def test_resume_on_another_mesh_and_preempt_one_process(runs, tiny_folders, samp
     finally:
         launch.kill()
     assert "resumed from" in launch.stdout(0)
+    # Process 0 prints for both; it stopped because process 1 was told to.
+    assert "stopped by a signal to another process after update" in launch.stdout(0)
     saved = ck.complete_checkpoints(out, backend="flax")
     last, path = saved[-1]
     assert 4 <= last < horizon

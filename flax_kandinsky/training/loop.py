@@ -1,11 +1,18 @@
-"""The one training loop of the flax backend: data -> jitted step -> log -> checkpoint -> export."""
+"""The one training loop of the flax backend: data -> compiled step -> log -> checkpoint -> export.
+
+`configure_jax` sets the process-wide JAX options the flags ask for, `set_up` builds everything a
+run holds (failing on user input before output_dir is touched, the step compiled ahead of time),
+`run_updates` is the loop, and `finish` exports and summarises; `train` runs the four.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -17,15 +24,20 @@ from flax_kandinsky import sharding as sh
 from flax_kandinsky.checkpoint import CheckpointStore
 from flax_kandinsky.sampling import memory_failure
 from flax_kandinsky.stages import make_stage
-from flax_kandinsky.training.optim import make_optimizer
-from flax_kandinsky.training.step import encode_frozen, init_state, make_train_step, split_stage
+from flax_kandinsky.training.optim import LRSchedule, make_optimizer
+from flax_kandinsky.training.step import (
+    abstract_inputs,
+    encode_frozen,
+    init_state,
+    make_train_step,
+    split_stage,
+)
 from flax_kandinsky.validation import Validator
 from kandinsky_common import noise as noise_stream
 from kandinsky_common.checkpoints import write_failed
 from kandinsky_common.errors import NonFiniteLoss
 from kandinsky_common.flags import TrainConfig
 from kandinsky_common.hub import check_hub, push_folder
-from kandinsky_common.lr_schedules import learning_rate_at
 from kandinsky_common.preemption import PreemptionGuard
 from kandinsky_common.prefetch import Prefetcher
 from kandinsky_common.run import NOTHING_LEFT, RunPlan, out_of_memory, plan_run, write_summary
@@ -83,11 +95,10 @@ def _gather_to_host(tree):
     )
 
 
-def train(cfg: TrainConfig, stage_name: str) -> dict:
-    """Run a whole training job; returns a summary (losses, paths). Raises UserError early."""
+def configure_jax(cfg: TrainConfig) -> None:
+    """The process-wide JAX settings the flags ask for: the distributed runtime, TF32 matmuls and
+    the persistent compilation cache. Once per process, before anything touches a device."""
     init_distributed(cfg)
-    if cfg.push_to_hub:
-        check_hub(cfg)
     if cfg.allow_tf32:
         jax.config.update("jax_default_matmul_precision", "tensorfloat32")
     if cfg.compile_cache_dir:
@@ -96,10 +107,49 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
             "jax_compilation_cache_dir", str(Path(cfg.compile_cache_dir).expanduser())
         )
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    mesh = sh.make_mesh(cfg.mesh_shape)
-    main = jax.process_index() == 0
 
-    # Everything that can fail on user input happens before output_dir is touched.
+
+@dataclass
+class Run:
+    """What a training job holds from set-up to export.
+
+    Parameters:
+        cfg, stage, plan: the flags, the Stage being trained and the RunPlan (data, steps, resume).
+        mesh: the device mesh; schedule: the LR schedule the optimizer reads (and the logs show).
+        step: the update compiled ahead of time: (state, consts, batch, noise, t) -> (state,
+            metrics).
+        state, consts: the sharded training state and the frozen arrays the step reads.
+        store: the run's CheckpointStore; global_step, skipped: updates done and skipped so far.
+    """
+
+    cfg: TrainConfig
+    stage: Any
+    plan: RunPlan
+    mesh: Any
+    schedule: LRSchedule
+    step: Any
+    state: Any
+    consts: Any
+    store: CheckpointStore
+    global_step: int = 0
+    skipped: int = 0
+    main: bool = field(default_factory=lambda: jax.process_index() == 0)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    def weights(self):
+        """The weights to validate or export (EMA when kept), as numpy on every process."""
+        return _gather_to_host(self.state["ema"] if self.cfg.use_ema else self.state["params"])
+
+
+def set_up(cfg: TrainConfig, stage_name: str) -> Run:
+    """Stage, data plan, sharded state (restored when resuming) and the compiled step. Everything
+    that can fail on user input happens here, before output_dir is touched."""
+    if cfg.push_to_hub:
+        check_hub(cfg)
+    mesh = sh.make_mesh(cfg.mesh_shape)
     stage = make_stage(cfg, stage_name)
     plan = plan_run(
         cfg,
@@ -112,18 +162,18 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         per_process_batch=cfg.train_batch_size * mesh.local_mesh.size,
         builder_threads=max(1, cfg.dataloader_num_workers),
     )
-    out = Path(cfg.output_dir)
     graphdefs, params, consts = split_stage(stage)
     if cfg.embeddings_cache:
         encode = jax.jit(lambda c, b: stage.to_reference(encode_frozen(stage, graphdefs, c, b)))
         plan.use_cache(
             cfg,
             lambda batch: jax.tree.map(np.asarray, encode(consts, batch)),
-            is_main=main,
+            is_main=jax.process_index() == 0,
             barrier=lambda: multihost_utils.sync_global_devices("embeddings_cache"),
         )
         consts = {"model_rest": consts["model_rest"]}  # the encoders never reach the devices
-    tx = make_optimizer(cfg, plan.max_train_steps)
+    schedule = LRSchedule(cfg, plan.max_train_steps)
+    tx = make_optimizer(cfg, plan.max_train_steps, schedule=schedule)
     abstract = jax.eval_shape(lambda p: init_state(p, tx, cfg.use_ema), params)
     step = make_train_step(
         stage,
@@ -138,146 +188,203 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         skip_nonfinite=cfg.skip_nonfinite_updates,
     )
     consts = jax.device_put(consts, step.const_shardings)
-    params = jax.device_put(params, step.state_shardings["params"])
-    state = jax.jit(lambda p: init_state(p, tx, cfg.use_ema), out_shardings=step.state_shardings)(
-        params
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract,
+        step.state_shardings,
     )
-    del params
-    store = CheckpointStore(out, cfg.checkpoints_total_limit)
-    global_step, skipped = 0, 0
-    if plan.resume is not None:
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract,
-            step.state_shardings,
-        )
-        # 'latest' falls back past damaged checkpoints with a warning; an explicit one must read.
-        state, meta = store.resume(cfg.resume_from_checkpoint, target, stage=stage_name)
-        global_step = int(meta["global_step"])
-        skipped = int(meta.get("skipped_updates", 0))
-        if main:
-            print(f"resumed from {store.path(global_step)} at update {global_step}")
-            if plan.finished:
-                print(NOTHING_LEFT.format(step=global_step, out=out))
-    tracker = None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        tracker_cfg = {k: str(v) for k, v in dataclasses.asdict(cfg).items()}
-        tracker = (
-            # accelerate's layout (the torch backend's and the reference's): one tensorboard
-            # opened on logs/ shows runs of both backends side by side.
-            Tracker(
-                cfg.report_to,
-                Path(cfg.logging_dir) / cfg.tracker_project_name,
-                cfg.tracker_project_name,
-                tracker_cfg,
-            )
-            if cfg.report_to != "none"
-            else None
-        )
-
-    local_b = cfg.train_batch_size * mesh.local_mesh.size
-    shape = stage.x0_shape(local_b, cfg.resolution)
-    bar = tqdm(
-        total=plan.max_train_steps,
-        initial=global_step,
-        desc=f"{stage_name} (flax)",
-        disable=not main,
+    inputs = abstract_inputs(
+        stage,
+        cfg.train_batch_size * mesh.size,
+        plan.accum,
+        cfg.resolution,
+        plan.cache is not None,
+        mesh,
     )
-    losses, t0, samples = [], time.perf_counter(), 0
-    done = []  # when each update's metrics arrived: per-update wall times for benchmarks
-    pending = None  # metrics of the previous update, read after the next one is dispatched
-
-    def finish(update, metrics):
-        nonlocal skipped
-        loss, norm = float(metrics["loss"]), float(metrics["grad_norm"])
-        if "skipped" in metrics:
-            skipped += int(metrics["skipped"])
-        elif not (np.isfinite(loss) and np.isfinite(norm)):
-            what = f"loss became {loss}" if not np.isfinite(loss) else f"grad norm became {norm}"
-            raise NonFiniteLoss(
-                f"the {what} at optimizer update {update}; lower --learning_rate and resume from "
-                f"the last checkpoint in {out}, or pass --skip_nonfinite_updates"
-            )
-        losses.append(loss)
-        done.append(time.perf_counter())
-        lr = learning_rate_at(cfg, plan.max_train_steps, update)  # as torch get_last_lr()
-        if tracker is not None:
-            tracker.scalars({"train_loss": loss, "lr": lr}, update)
-        rate = samples / (time.perf_counter() - t0)
-        bar.update(1)
-        bar.set_postfix(step_loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-
-    preempted = False
-    validate = Validator(cfg, stage)
-    source = Prefetcher(device_batches(mesh, host_batches(plan, stage, global_step, shape)), 2)
     try:
-        with PreemptionGuard(sigint=True) as guard:
-            for update, g_batch, g_noise, g_t in source:
-                state, metrics = step.fn(state, consts, g_batch, g_noise, g_t)
-                global_step = update + 1
-                samples += plan.accum * plan.sampler.global_batch
-                if pending is not None:
-                    finish(*pending)
-                pending = (global_step, metrics)
-                due = global_step % cfg.checkpointing_steps == 0
-                stop = _agreed(guard.requested)
-                if due or global_step == plan.max_train_steps or stop:
-                    finish(*pending)
-                    pending = None
-                    extra = {"skipped_updates": skipped} if cfg.skip_nonfinite_updates else {}
-                    store.save(global_step, state, plan.state(global_step, cfg, **extra))
-                if stop:
-                    preempted = True
-                    break
-                # The last update is validated once, after the export, with the final weights.
-                last = global_step == plan.max_train_steps
-                micros = range(update * plan.accum, global_step * plan.accum)
-                if not last and plan.validation_due(cfg, micros):
-                    weights = _gather_to_host(state["ema"] if cfg.use_ema else state["params"])
-                    if main:
-                        validate(weights, global_step, tracker)
-            if pending is not None:
-                finish(*pending)
+        compiled = step.compile(target, consts, inputs)
     except Exception as e:
         what = memory_failure(e)
         if what is None:
             raise
         raise out_of_memory(cfg, stage_name, what) from None
+    params = jax.device_put(params, step.state_shardings["params"])
+    state = jax.jit(lambda p: init_state(p, tx, cfg.use_ema), out_shardings=step.state_shardings)(
+        params
+    )
+    del params
+    store = CheckpointStore(cfg.output_dir, cfg.checkpoints_total_limit)
+    run = Run(cfg, stage, plan, mesh, schedule, compiled, state, consts, store)
+    if plan.resume is not None:
+        # 'latest' falls back past damaged checkpoints with a warning; an explicit one must read.
+        run.state, meta = run.store.resume(cfg.resume_from_checkpoint, target, stage=stage_name)
+        run.global_step = int(meta["global_step"])
+        run.skipped = int(meta.get("skipped_updates", 0))
+        if run.main:
+            print(f"resumed from {run.store.path(run.global_step)} at update {run.global_step}")
+            if plan.finished:
+                print(NOTHING_LEFT.format(step=run.global_step, out=run.out))
+    return run
+
+
+def open_tracker(cfg: TrainConfig) -> Tracker | None:
+    if cfg.report_to == "none":
+        return None
+    tracker_cfg = {k: str(v) for k, v in dataclasses.asdict(cfg).items()}
+    # accelerate's layout (the torch backend's and the reference's): one tensorboard opened on
+    # logs/ shows runs of both backends side by side.
+    return Tracker(
+        cfg.report_to,
+        Path(cfg.logging_dir) / cfg.tracker_project_name,
+        cfg.tracker_project_name,
+        tracker_cfg,
+    )
+
+
+class Progress:
+    """Each update's metrics, read one update late so the host never waits on the step it just
+    dispatched: the non-finite check, the loss list, the progress bar and the trackers.
+
+    Parameters:
+        run: the Run; tracker: its Tracker on the main process, else None.
+    """
+
+    def __init__(self, run: Run, tracker: Tracker | None):
+        self.run, self.tracker = run, tracker
+        self.losses: list[float] = []
+        self.done: list[float] = []  # when each update's metrics arrived (benchmarks' step times)
+        self.samples = 0
+        self.t0 = time.perf_counter()
+        self.bar = tqdm(
+            total=run.plan.max_train_steps,
+            initial=run.global_step,
+            desc=f"{run.stage.spec.name} (flax)",
+            disable=not run.main,
+        )
+        self._pending = None
+
+    def dispatched(self, update: int, metrics) -> None:
+        """Update `update` (1-based) is running; the previous one's metrics are read now."""
+        self.samples += self.run.plan.accum * self.run.plan.sampler.global_batch
+        self.flush()
+        self._pending = (update, metrics)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            self._record(*self._pending)
+            self._pending = None
+
+    def _record(self, update: int, metrics) -> None:
+        run = self.run
+        loss, norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if "skipped" in metrics:
+            run.skipped += int(metrics["skipped"])
+        elif not (np.isfinite(loss) and np.isfinite(norm)):
+            what = f"loss became {loss}" if not np.isfinite(loss) else f"grad norm became {norm}"
+            raise NonFiniteLoss(
+                f"the {what} at optimizer update {update}; lower --learning_rate and resume from "
+                f"the last checkpoint in {run.out}, or pass --skip_nonfinite_updates"
+            )
+        self.losses.append(loss)
+        self.done.append(time.perf_counter())
+        lr = run.schedule.current_lr(update)  # as torch's get_last_lr()
+        if self.tracker is not None:
+            self.tracker.scalars({"train_loss": loss, "lr": lr}, update)
+        rate = self.samples / (time.perf_counter() - self.t0)
+        self.bar.update(1)
+        self.bar.set_postfix(step_loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+
+
+def run_updates(run: Run, progress: Progress, validate: Validator) -> str | None:
+    """Train from run.global_step to the plan's end, checkpointing when due; returns the name of
+    the signal that stopped it early (a checkpoint is saved first), or None."""
+    cfg, plan, stage = run.cfg, run.plan, run.stage
+    shape = stage.x0_shape(cfg.train_batch_size * run.mesh.local_mesh.size, cfg.resolution)
+    batches = host_batches(plan, stage, run.global_step, shape)
+    source = Prefetcher(device_batches(run.mesh, batches), 2)
+    try:
+        with PreemptionGuard(sigint=True) as guard:
+            for update, g_batch, g_noise, g_t in source:
+                run.state, metrics = run.step(run.state, run.consts, g_batch, g_noise, g_t)
+                run.global_step = update + 1
+                progress.dispatched(run.global_step, metrics)
+                due = run.global_step % cfg.checkpointing_steps == 0
+                stop = _agreed(guard.requested)
+                if due or run.global_step == plan.max_train_steps or stop:
+                    progress.flush()
+                    extra = {"skipped_updates": run.skipped} if cfg.skip_nonfinite_updates else {}
+                    run.store.save(
+                        run.global_step, run.state, plan.state(run.global_step, cfg, **extra)
+                    )
+                if stop:  # all processes stop here, whichever of them got the signal
+                    return guard.signal_name or "a signal to another process"
+                # The last update is validated once, after the export, with the final weights.
+                last = run.global_step == plan.max_train_steps
+                micros = range(update * plan.accum, run.global_step * plan.accum)
+                if not last and plan.validation_due(cfg, micros):
+                    weights = run.weights()
+                    if run.main:
+                        validate(weights, run.global_step, progress.tracker)
+            progress.flush()
+    except Exception as e:
+        what = memory_failure(e)
+        if what is None:
+            raise
+        raise out_of_memory(cfg, stage.spec.name, what) from None
     finally:
         source.close()
-        bar.close()  # so an error line starts on a line of its own
-        store.wait()
+        progress.bar.close()  # so an error line starts on a line of its own
+        run.store.wait()
+    return None
 
-    summary = {"stage": stage_name, "backend": "flax", "updates": global_step}
+
+def finish(run: Run, progress: Progress, validate: Validator, stopped_by: str | None) -> dict:
+    """Export the trained network (and validate it) or, when stopped early, say how to resume;
+    returns the run's summary."""
+    cfg, out = run.cfg, run.out
+    summary = {"stage": run.stage.spec.name, "backend": "flax", "updates": run.global_step}
     if cfg.skip_nonfinite_updates:
-        summary["skipped_updates"] = skipped
-    if preempted:
-        if main:
+        summary["skipped_updates"] = run.skipped
+    if stopped_by is not None:
+        if run.main:
             print(
-                f"stopped by {guard.signal_name} after update {global_step}; resume with "
+                f"stopped by {stopped_by} after update {run.global_step}; resume with "
                 "--resume_from_checkpoint latest"
             )
-        summary.update(preempted=True, stopped_by=guard.signal_name)
-        store.close()
+        summary.update(preempted=True, stopped_by=stopped_by)
+        run.store.close()
         return summary
-    final = _gather_to_host(state["ema"] if cfg.use_ema else state["params"])
-    store.close()
-    if main:
-        model = stage.model
+    final = run.weights()
+    run.store.close()
+    if run.main:
+        model = run.stage.model
         nnx.update(model, final)
         try:
-            stage.export(model, out)
+            run.stage.export(model, out)
         except OSError as e:  # the last checkpoint is complete: a resumed run only exports
             raise write_failed(out / "export", e, "flax", what="the final pipeline folder") from e
         if cfg.validation_prompts:
-            validate(final, global_step, tracker)
-        summary.update(seconds=round(time.perf_counter() - t0, 2), output_dir=str(out))
-        write_summary(out, summary, losses)
-        summary["losses"] = losses  # in-process callers (tests) get every update's loss
-        summary["update_seconds"] = np.diff([t0, *done]).tolist()
-        if tracker is not None:
-            tracker.close()
+            validate(final, run.global_step, progress.tracker)
+        summary.update(seconds=round(time.perf_counter() - progress.t0, 2), output_dir=str(out))
+        write_summary(out, summary, progress.losses)
+        summary["losses"] = progress.losses  # in-process callers (tests) get every update's loss
+        summary["update_seconds"] = np.diff([progress.t0, *progress.done]).tolist()
+        if progress.tracker is not None:
+            progress.tracker.close()
         if cfg.push_to_hub:
             push_folder(cfg)
     return summary
+
+
+def train(cfg: TrainConfig, stage_name: str) -> dict:
+    """Run a whole training job; returns a summary (losses, paths). Raises UserError early."""
+    configure_jax(cfg)
+    run = set_up(cfg, stage_name)
+    tracker = None
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        tracker = open_tracker(cfg)
+    progress = Progress(run, tracker)
+    validate = Validator(cfg, run.stage)
+    stopped_by = run_updates(run, progress, validate)
+    return finish(run, progress, validate, stopped_by)

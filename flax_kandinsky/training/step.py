@@ -38,6 +38,27 @@ class StepFn:
     state_shardings: Any
     const_shardings: Any
 
+    def compile(self, state, consts, inputs: tuple):
+        """The step compiled ahead of time for these abstract (or real) arguments; `inputs` is
+        (batch, noise, timesteps), as `abstract_inputs` gives them. Calls with other shapes fail
+        instead of compiling again."""
+        return self.fn.lower(state, consts, *inputs).compile()
+
+
+def abstract_inputs(stage, global_batch: int, accum: int, resolution: int, cached: bool, mesh):
+    """(batch, noise, timesteps) of one update as ShapeDtypeStructs with their shardings: the
+    micro-batches stacked on a leading axis of `accum`, the batch as the step reads it (pixels
+    and tokens, or with `cached` the encoder outputs)."""
+    data = sh.batch_sharding(mesh, leading=1)
+
+    def sds(shape, dtype):
+        return jax.ShapeDtypeStruct((accum, *shape), dtype, sharding=data)
+
+    shapes = stage.batch_shapes(global_batch, resolution, cached)
+    batch = {k: sds(shape, dtype) for k, (shape, dtype) in shapes.items()}
+    noise = sds(stage.noise_shape(global_batch, resolution), jnp.float32)
+    return batch, noise, sds((global_batch,), jnp.int32)
+
 
 def split_stage(stage):
     """(graphdefs, trainable params, constants): constants = frozen encoders + model non-params.

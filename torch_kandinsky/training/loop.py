@@ -225,12 +225,14 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         **_skip_state(skips),
     }
     if preempted:
+        # All processes stop together, whichever of them got the signal.
+        stopped_by = guard.signal_name or "a signal to another process"
         accelerator.print(
-            f"stopped by {guard.signal_name} after update {global_step}; resume "
+            f"stopped by {stopped_by} after update {global_step}; resume "
             "with --resume_from_checkpoint latest"
         )
         accelerator.end_training()
-        return {**summary, "preempted": True, "stopped_by": guard.signal_name}
+        return {**summary, "preempted": True, "stopped_by": stopped_by}
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         if ema is not None:
