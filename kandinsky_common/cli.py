@@ -1,30 +1,40 @@
 """Entry point shared by the two training scripts: parse, dispatch on --backend, report.
 
-The backend package is imported by name only after the flags are valid, so `--help` and flag
-mistakes cost no framework import, and a torch-only or jax-only install runs its own backend.
+The backend's loop is imported only after the flags are valid, so `--help` and flag mistakes cost
+no framework import, and a torch-only or jax-only install runs its own backend.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
+from collections.abc import Callable
 
 from kandinsky_common.errors import INTERRUPTED, UserError, run_cli
 from kandinsky_common.flags import parse_config
 from kandinsky_common.preemption import sigint_deferred
 
 
+def backend_train(backend: str) -> Callable:
+    """`train` of the backend's loop. Ctrl-C during the import waits for its end: jaxlib's
+    initialisation crashes (SIGSEGV) when interrupted."""
+    with sigint_deferred():
+        if backend == "flax":
+            from flax_kandinsky.training.loop import train
+        else:
+            from torch_kandinsky.training.loop import train
+    return train
+
+
 def main(stage: str, argv: list[str] | None = None) -> int:
     def _main(args):
         cfg = parse_config(args, stage)
         try:
-            with sigint_deferred():
-                loop = importlib.import_module(f"{cfg.backend}_kandinsky.training.loop")
+            train = backend_train(cfg.backend)
         except ModuleNotFoundError as e:
             raise UserError(
                 f"--backend {cfg.backend} needs {e.name}: `pip install -e .[{cfg.backend}]`"
             ) from e
-        summary = loop.train(cfg, stage)
+        summary = train(cfg, stage)
         if summary.get("output_dir"):
             shown = {k: v for k, v in summary.items() if k not in ("losses", "update_seconds")}
             print(json.dumps(shown))

@@ -39,6 +39,10 @@ from kandinsky_common.stage_spec import SPECS, StageSpec
 
 @dataclass
 class RunPlan:
+    """What a run trains on and how long, decided once from its flags: the data and its order,
+    the horizon, where it resumes, and (once `use_cache` ran) the encode-once cache."""
+
+    cfg: TrainConfig
     spec: StageSpec
     backend: str
     dataset: object
@@ -67,9 +71,10 @@ class RunPlan:
     def end_of_epoch(self, micro: int) -> bool:
         return self.position(micro)[1] == self.sampler.steps_per_epoch - 1
 
-    def validation_due(self, cfg: TrainConfig, micros: range) -> bool:
+    def validation_due(self, micros: range) -> bool:
         """Whether an epoch whose number is a multiple of --validation_epochs ends in `micros`
         (the reference validates after epoch 0, validation_epochs, ...)."""
+        cfg = self.cfg
         if not cfg.validation_prompts:
             return False
         return any(
@@ -100,7 +105,6 @@ class RunPlan:
 
     def use_cache(
         self,
-        cfg: TrainConfig,
         encode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
         *,
         is_main: bool,
@@ -112,6 +116,7 @@ class RunPlan:
         batch of captions alone to the stage's caption keys). A caption column of lists caches
         every caption, and each epoch reads the one the uncached run would draw.
         """
+        cfg = self.cfg
         feature = self.dataset.features.get(cfg.caption_column) if self.spec.uses_captions else None
         captions = None
         if feature is not None and not getattr(feature, "dtype", None) == "string":
@@ -152,9 +157,10 @@ class RunPlan:
         barrier()
         self.cache = EmbeddingCache(folder, "r")
 
-    def state(self, global_step: int, cfg: TrainConfig, **extra) -> dict:
+    def state(self, global_step: int, **extra) -> dict:
         """training_state.json of a checkpoint taken after `global_step` updates; with the run's
         flags, so a checkpoint alone is enough to export or sample from it."""
+        cfg = self.cfg
         return {
             "use_ema": cfg.use_ema,
             "config": dataclasses.asdict(cfg),
@@ -303,6 +309,7 @@ def plan_run(
             f"scripts/export_checkpoint.py --checkpoint {resume} --output DIR`"
         )
     return RunPlan(
+        cfg=cfg,
         spec=spec,
         backend=backend,
         dataset=dataset,

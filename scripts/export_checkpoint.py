@@ -10,6 +10,7 @@ import sys
 from kandinsky_common.checkpoints import read_state
 from kandinsky_common.errors import UserError, run_cli
 from kandinsky_common.folders import user_path
+from kandinsky_common.preemption import sigint_deferred
 
 
 def main(argv=None):
@@ -25,10 +26,11 @@ def main(argv=None):
     p.error = lambda msg: (_ for _ in ()).throw(UserError(f"{msg} (see --help)"))
     a = p.parse_args(argv)
     backend = read_state(a.checkpoint).get("backend")
-    if backend == "flax":
-        from flax_kandinsky.export import export_checkpoint
-    else:
-        from torch_kandinsky.export import export_checkpoint
+    with sigint_deferred():  # jaxlib's initialisation crashes (SIGSEGV) when interrupted
+        if backend == "flax":
+            from flax_kandinsky.export import export_checkpoint
+        else:
+            from torch_kandinsky.export import export_checkpoint
     print(export_checkpoint(a.checkpoint, a.output, use_ema=not a.no_ema))
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from kandinsky_common.errors import UserError, run_cli
+from kandinsky_common.preemption import sigint_deferred
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -59,7 +60,8 @@ def torch_images(a) -> list:
 
     prior = check_pipeline_folder(a.prior, "prior", "--prior")
     decoder = check_pipeline_folder(a.decoder, "decoder", "--decoder")
-    from torch_kandinsky.sampling import Sampler
+    with sigint_deferred():  # a Ctrl-C waits for the import's end (see kandinsky_common.cli)
+        from torch_kandinsky.sampling import Sampler
 
     sampler = Sampler.from_folders(prior, decoder)
     return sampler.generate(
@@ -72,7 +74,8 @@ def flax_images(a) -> list:
 
     prior = check_pipeline_folder(a.prior, "prior", "--prior")
     decoder = check_pipeline_folder(a.decoder, "decoder", "--decoder")
-    from flax_kandinsky.sampling import Sampler, memory_failure
+    with sigint_deferred():  # jaxlib's initialisation crashes (SIGSEGV) when interrupted
+        from flax_kandinsky.sampling import Sampler, memory_failure
 
     trained = {}
     if a.checkpoint is not None:  # the trained network replaces its twin from --prior/--decoder
@@ -138,8 +141,8 @@ def main(argv=None):
         images = torch_images(a)
     else:
         if a.attention == "chunked":
-            from flax_kandinsky.sampling import use_cpu_low_memory_schedule
-
+            with sigint_deferred():
+                from flax_kandinsky.sampling import use_cpu_low_memory_schedule
             use_cpu_low_memory_schedule()
         images = flax_images(a)
     from kandinsky_common.images import save_images

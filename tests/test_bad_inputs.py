@@ -150,3 +150,17 @@ def test_script_prints_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("error: --resolution 65")
+
+
+@pytest.mark.parametrize("backend,framework", [("torch", "torch"), ("flax", "jax")])
+def test_backend_not_installed(capsys, base, monkeypatch, backend, framework):
+    """An install without the backend's extra: the line names the package and the extra."""
+    import sys
+
+    make, out = base
+    for name in list(sys.modules):
+        if name.startswith(f"{backend}_kandinsky"):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, framework, None)  # `import jax` now fails as if absent
+    error = _fails(capsys, "prior", make(backend=backend), out, framework)
+    assert f"pip install -e .[{backend}]" in error

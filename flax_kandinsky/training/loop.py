@@ -166,7 +166,6 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
     if cfg.embeddings_cache:
         encode = jax.jit(lambda c, b: stage.to_reference(encode_frozen(stage, graphdefs, c, b)))
         plan.use_cache(
-            cfg,
             lambda batch: jax.tree.map(np.asarray, encode(consts, batch)),
             is_main=jax.process_index() == 0,
             barrier=lambda: multihost_utils.sync_global_devices("embeddings_cache"),
@@ -313,15 +312,13 @@ def run_updates(run: Run, progress: Progress, validate: Validator) -> str | None
                 if due or run.global_step == plan.max_train_steps or stop:
                     progress.flush()
                     extra = {"skipped_updates": run.skipped} if cfg.skip_nonfinite_updates else {}
-                    run.store.save(
-                        run.global_step, run.state, plan.state(run.global_step, cfg, **extra)
-                    )
+                    run.store.save(run.global_step, run.state, plan.state(run.global_step, **extra))
                 if stop:  # all processes stop here, whichever of them got the signal
                     return guard.signal_name or "a signal to another process"
                 # The last update is validated once, after the export, with the final weights.
                 last = run.global_step == plan.max_train_steps
                 micros = range(update * plan.accum, run.global_step * plan.accum)
-                if not last and plan.validation_due(cfg, micros):
+                if not last and plan.validation_due(micros):
                     weights = run.weights()
                     if run.main:
                         validate(weights, run.global_step, progress.tracker)

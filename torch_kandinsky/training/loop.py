@@ -92,7 +92,6 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
     accum, max_train_steps = plan.accum, plan.max_train_steps
     if cfg.embeddings_cache:
         plan.use_cache(
-            cfg,
             lambda batch: _encode_numpy(stage, batch, accelerator.device),
             is_main=accelerator.is_main_process,
             barrier=accelerator.wait_for_everyone,
@@ -199,14 +198,14 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
                 stop = any_process(accelerator, guard.requested)
                 due = global_step % cfg.checkpointing_steps == 0
                 if due or global_step == max_train_steps or stop:
-                    meta = plan.state(global_step, cfg, **_skip_state(skips))
+                    meta = plan.state(global_step, **_skip_state(skips))
                     store.save(global_step, model, meta, ema=ema)
                 if stop:  # preemption: the checkpoint is saved, the job ends cleanly
                     preempted = True
                     break
             # The last update is validated once, after the export, with the final weights.
             last = global_step == max_train_steps
-            if not last and plan.validation_due(cfg, range(m, m + 1)):
+            if not last and plan.validation_due(range(m, m + 1)):
                 validate(model, global_step, ema)
     except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one too
         what = _memory_failure(e)
