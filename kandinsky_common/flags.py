@@ -26,7 +26,7 @@ from kandinsky_common.stage_spec import SPECS
 LR_SCHEDULERS = LR_SCHEDULER_NAMES
 REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all", "none")
 BACKENDS = ("flax", "torch")
-STAGES = ("prior", "decoder")
+STAGES = tuple(SPECS)  # the stage names, in SPECS order
 
 
 def _f(default, help: str, **kw):

@@ -145,6 +145,7 @@ def test_kill_9_anywhere_then_resume_is_bit_identical(
     warning = [x for x in stderr.splitlines() if "checkpoint-6 is damaged" in x]
     assert warning and "checkpoint-4" in warning[0], stderr[-2000:]
     assert "resumed from" in stdout and "checkpoint-4 at update 4" in stdout
+    assert "nothing to train" not in stdout  # said of checkpoint-6, which was passed over
     assert "Traceback" not in stderr
     _assert_same_weights(ref, out)
 

@@ -218,6 +218,8 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
         # 'latest' falls back past damaged checkpoints with a warning; an explicit one must read.
         run.state, meta = run.store.resume(cfg.resume_from_checkpoint, target, stage=stage_name)
         run.global_step = int(meta["global_step"])
+        # The plan follows the checkpoint actually read ('latest' may have passed damaged ones).
+        plan.resume, plan.resumed_state = run.store.path(run.global_step), meta
         run.skipped = int(meta.get("skipped_updates", 0))
         if run.main:
             print(f"resumed from {run.store.path(run.global_step)} at update {run.global_step}")
