@@ -55,15 +55,6 @@ class RunPlan:
     resumed_state: dict | None
     cache: EmbeddingCache | None = None  # set by use_cache: batches are then encoder outputs
 
-    @property
-    def start_micro(self) -> int:
-        step = self.resumed_state["global_step"] if self.resumed_state else 0
-        return step * self.accum
-
-    @property
-    def stop_micro(self) -> int:
-        return self.max_train_steps * self.accum
-
     def position(self, micro: int) -> tuple[int, int]:
         """(epoch, step in epoch) of micro-step `micro` (micro-batches run on across epochs)."""
         return divmod(micro, self.sampler.steps_per_epoch)
@@ -85,7 +76,8 @@ class RunPlan:
     @property
     def finished(self) -> bool:
         """The checkpoint resumed from already holds every update: the run only exports."""
-        return self.start_micro >= self.stop_micro
+        done = self.resumed_state["global_step"] if self.resumed_state else 0
+        return done >= self.max_train_steps
 
     def batch(self, micro: int) -> dict[str, np.ndarray]:
         """This process's numpy batch of micro-step `micro`: a pure function of the position

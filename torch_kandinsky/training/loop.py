@@ -34,17 +34,19 @@ from torch_kandinsky.validation import Validator
 DTYPES = {None: torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class _Steps(torch.utils.data.Dataset):
-    """Micro-step k of the run -> that step's numpy batch (so DataLoader workers can prefetch)."""
+class _Updates(torch.utils.data.Dataset):
+    """Update k of the run -> its micro-batches, numpy (so DataLoader workers can prefetch)."""
 
-    def __init__(self, plan, start: int, stop: int):
-        self.plan, self.start, self.stop = plan, start, stop
+    def __init__(self, plan, first: int):
+        self.plan, self.first = plan, first
 
     def __len__(self):
-        return self.stop - self.start
+        return self.plan.max_train_steps - self.first
 
     def __getitem__(self, k):
-        return self.plan.batch(self.start + k)
+        update = self.first + k
+        accum = self.plan.accum
+        return [self.plan.batch(m) for m in range(update * accum, (update + 1) * accum)]
 
 
 def _check_environment(cfg: TrainConfig) -> None:
@@ -132,9 +134,9 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         }
         accelerator.init_trackers(cfg.tracker_project_name, tracker_cfg)
 
-    start, stop = plan.start_micro, plan.stop_micro
+    first = global_step  # the next update to run
     loader = torch.utils.data.DataLoader(
-        _Steps(plan, start, stop),
+        _Updates(plan, first),
         batch_size=None,
         num_workers=cfg.dataloader_num_workers,
         collate_fn=lambda b: b,
@@ -145,7 +147,7 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         desc=f"{stage_name} (torch)",
         disable=not accelerator.is_local_main_process,
     )
-    losses, window, t0 = [], [], time.perf_counter()
+    losses, t0 = [], time.perf_counter()
     done = []  # when each update finished: per-update wall times for benchmarks
     shape = stage.x0_shape(cfg.train_batch_size, cfg.resolution)
     skips = None
@@ -156,56 +158,52 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
     guard = PreemptionGuard(sigint=True)
     try:
         guard.__enter__()
-        for k, batch in enumerate(loader):
-            m = start + k
-            noise, timesteps = noise_stream.draw(
-                plan.seed, m, accelerator.process_index, shape, stage.schedule.num_train_timesteps
+        for update, batches in enumerate(loader, start=first):
+            micros = range(update * accum, (update + 1) * accum)
+            draws = (
+                noise_stream.draw(
+                    plan.seed,
+                    m,
+                    accelerator.process_index,
+                    shape,
+                    stage.schedule.num_train_timesteps,
+                )
+                for m in micros
             )
             loss = train_step(
                 accelerator,
                 stage,
                 model,
                 optimizer,
-                batch,
-                noise,
-                timesteps,
+                lr_scheduler,
+                ema,
+                [(batch, *draw) for batch, draw in zip(batches, draws)],
                 max_grad_norm=cfg.max_grad_norm,
                 snr_gamma=cfg.snr_gamma,
                 encoded=plan.cache is not None,
                 skip=skips,
             )
-            window.append(loss)
-            if accelerator.sync_gradients:
-                skipped = skips is not None and skips.last_skipped  # nothing may move then
-                if not accelerator.optimizer_step_was_skipped and not skipped:
-                    lr_scheduler.step()
-                if ema is not None and not skipped:
-                    ema.step(accelerator.unwrap_model(model).parameters())
-                global_step += 1
-                mean = torch.tensor(float(np.mean(window)), device=accelerator.device)
-                train_loss = accelerator.gather(mean).mean().item()
-                window = []
-                losses.append(train_loss)
-                done.append(time.perf_counter())
-                lr = lr_scheduler.get_last_lr()[0]
-                accelerator.log({"train_loss": train_loss, "lr": lr}, step=global_step)
-                samples = (global_step - start // accum) * accum * cfg.train_batch_size
-                rate = samples * accelerator.num_processes / (time.perf_counter() - t0)
-                bar.update(1)
-                bar.set_postfix(
-                    step_loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}"
-                )
-                stop = any_process(accelerator, guard.requested)
-                due = global_step % cfg.checkpointing_steps == 0
-                if due or global_step == max_train_steps or stop:
-                    meta = plan.state(global_step, **_skip_state(skips))
-                    store.save(global_step, model, meta, ema=ema)
-                if stop:  # preemption: the checkpoint is saved, the job ends cleanly
-                    preempted = True
-                    break
+            global_step = update + 1
+            mean = torch.tensor(loss, device=accelerator.device)
+            train_loss = accelerator.gather(mean).mean().item()
+            losses.append(train_loss)
+            done.append(time.perf_counter())
+            lr = lr_scheduler.get_last_lr()[0]
+            accelerator.log({"train_loss": train_loss, "lr": lr}, step=global_step)
+            samples = (global_step - first) * accum * cfg.train_batch_size
+            rate = samples * accelerator.num_processes / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(step_loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+            stop = any_process(accelerator, guard.requested)
+            due = global_step % cfg.checkpointing_steps == 0
+            if due or global_step == max_train_steps or stop:
+                meta = plan.state(global_step, **_skip_state(skips))
+                store.save(global_step, model, meta, ema=ema)
+            if stop:  # preemption: the checkpoint is saved, the job ends cleanly
+                preempted = True
+                break
             # The last update is validated once, after the export, with the final weights.
-            last = global_step == max_train_steps
-            if not last and plan.validation_due(range(m, m + 1)):
+            if global_step != max_train_steps and plan.validation_due(micros):
                 validate(model, global_step, ema)
     except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one too
         what = _memory_failure(e)

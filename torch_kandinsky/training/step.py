@@ -1,4 +1,5 @@
-"""The one training step of the torch backend, shared by both stages."""
+"""The one training step of the torch backend, shared by both stages: `train_step` is one
+optimizer update (as flax's), made of `micro_step`s under gradient accumulation."""
 
 from __future__ import annotations
 
@@ -33,6 +34,52 @@ class SkippedUpdates:
 
 
 def train_step(
+    accelerator,
+    stage,
+    model,
+    optimizer,
+    lr_scheduler,
+    ema,
+    micros: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]],
+    *,
+    max_grad_norm: float,
+    snr_gamma: float | None,
+    encoded: bool = False,
+    skip: SkippedUpdates | None = None,
+) -> float:
+    """One optimizer update: a micro_step per (batch, noise, timesteps) of `micros` (gradient
+    accumulation), then the LR schedule and the EMA, unless the update was skipped. Returns this
+    process's mean loss over the micro-batches."""
+    losses = [
+        micro_step(
+            accelerator,
+            stage,
+            model,
+            optimizer,
+            batch,
+            noise,
+            timesteps,
+            max_grad_norm=max_grad_norm,
+            snr_gamma=snr_gamma,
+            encoded=encoded,
+            skip=skip,
+        )
+        for batch, noise, timesteps in micros
+    ]
+    if not accelerator.sync_gradients:
+        raise RuntimeError(
+            f"{len(micros)} micro-batches do not end an update of "
+            f"{accelerator.gradient_accumulation_steps}"
+        )
+    skipped = skip is not None and skip.last_skipped  # nothing may move then
+    if not accelerator.optimizer_step_was_skipped and not skipped:
+        lr_scheduler.step()
+    if ema is not None and not skipped:
+        ema.step(accelerator.unwrap_model(model).parameters())
+    return float(np.mean(losses))
+
+
+def micro_step(
     accelerator,
     stage,
     model,
