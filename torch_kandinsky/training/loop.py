@@ -1,11 +1,18 @@
-"""The one training loop of the torch backend: data -> step -> log -> checkpoint -> export."""
+"""The one training loop of the torch backend: data -> step -> log -> checkpoint -> export.
+
+Mirrors flax_kandinsky/training/loop.py: `configure_torch` sets the process-wide options the flags
+ask for, `set_up` builds everything a run holds (failing on user input before output_dir is
+touched), `run_updates` is the loop, and `finish` exports and summarises; `train` runs the four.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +27,7 @@ from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
 from kandinsky_common.hub import check_hub, push_folder
 from kandinsky_common.preemption import PreemptionGuard
-from kandinsky_common.run import NOTHING_LEFT, out_of_memory, plan_run, write_summary
+from kandinsky_common.run import NOTHING_LEFT, RunPlan, out_of_memory, plan_run, write_summary
 from torch_kandinsky.checkpoint import CheckpointStore
 from torch_kandinsky.stages import make_stage
 from torch_kandinsky.training.optim import (
@@ -57,11 +64,10 @@ def _check_environment(cfg: TrainConfig) -> None:
             raise UserError(f"--report_to {name} needs `pip install {name}`; or use tensorboard")
 
 
-def train(cfg: TrainConfig, stage_name: str) -> dict:
-    """Run a whole training job; returns a summary (losses, paths). Raises UserError early."""
+def configure_torch(cfg: TrainConfig) -> Accelerator:
+    """The process-wide settings the flags ask for, and the run's Accelerator (which joins the
+    processes torchrun or accelerate launched)."""
     _check_environment(cfg)
-    if cfg.push_to_hub:
-        check_hub(cfg)
     # accelerate keeps process-wide singletons; a second run in one process (tests, notebooks)
     # must not inherit the first run's accumulation settings.
     AcceleratorState._reset_state()
@@ -74,14 +80,51 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=project,
     )
-    weight_dtype = DTYPES[cfg.mixed_precision]
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if cfg.enable_xformers_memory_efficient_attention:
         _check_xformers(accelerator.device)
+    return accelerator
 
-    # Everything that can fail on user input happens before output_dir is touched.
-    stage = make_stage(cfg, stage_name, accelerator.device, weight_dtype)
+
+@dataclass
+class Run:
+    """What a training job holds from set-up to export.
+
+    Parameters:
+        cfg, stage, plan: the flags, the Stage being trained and the RunPlan (data, steps, resume).
+        accelerator: the run's Accelerator; model, optimizer: prepared by it.
+        lr_scheduler, ema: the LR schedule and the EMA (None without --use_ema).
+        store: the run's CheckpointStore; global_step: updates done so far.
+        skips: the count of skipped updates under --skip_nonfinite_updates, else None.
+    """
+
+    cfg: TrainConfig
+    stage: Any
+    plan: RunPlan
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Any
+    store: CheckpointStore
+    global_step: int = 0
+    skips: SkippedUpdates | None = None
+    losses: list[float] = field(default_factory=list)
+    done: list[float] = field(default_factory=list)  # when each update ended (benchmarks)
+    t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+
+def set_up(cfg: TrainConfig, stage_name: str, accelerator: Accelerator) -> Run:
+    """Stage, data plan, prepared model and optimizer (restored when resuming). Everything that
+    can fail on user input happens here, before output_dir is touched."""
+    if cfg.push_to_hub:
+        check_hub(cfg)
+    stage = make_stage(cfg, stage_name, accelerator.device, DTYPES[cfg.mixed_precision])
     plan = plan_run(
         cfg,
         stage.spec,
@@ -91,14 +134,12 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         num_processes=accelerator.num_processes,
         process_index=accelerator.process_index,
     )
-    accum, max_train_steps = plan.accum, plan.max_train_steps
     if cfg.embeddings_cache:
         plan.use_cache(
             lambda batch: _encode_numpy(stage, batch, accelerator.device),
             is_main=accelerator.is_main_process,
             barrier=accelerator.wait_for_everyone,
         )
-
     model = stage.model
     if cfg.gradient_checkpointing:
         stage.enable_gradient_checkpointing(model)
@@ -106,35 +147,47 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         model.enable_xformers_memory_efficient_attention()
     model.train()
     optimizer = make_optimizer(cfg, model)
-    lr_scheduler = make_lr_scheduler(cfg, optimizer, max_train_steps)
+    lr_scheduler = make_lr_scheduler(cfg, optimizer, plan.max_train_steps)
     ema = make_ema(model) if cfg.use_ema else None
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-
+    out = Path(cfg.output_dir)
     store = CheckpointStore(
         accelerator, out, cfg.checkpoints_total_limit, stage.spec.model_subfolder
     )
-    global_step, resumed = 0, None
+    run = Run(cfg, stage, plan, accelerator, model, optimizer, lr_scheduler, ema, store)
+    resumed = None
     if plan.resume is not None:
         # 'latest' falls back past damaged checkpoints (warning); plan.resume follows.
         resumed = store.resume(plan, model, cfg.resume_from_checkpoint)
-        global_step = resumed["global_step"]
-        accelerator.print(f"resumed from {plan.resume} at update {global_step}")
+        run.global_step = resumed["global_step"]
+        accelerator.print(f"resumed from {plan.resume} at update {run.global_step}")
         if plan.finished:
-            accelerator.print(NOTHING_LEFT.format(step=global_step, out=out))
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+            accelerator.print(NOTHING_LEFT.format(step=run.global_step, out=out))
+    if cfg.skip_nonfinite_updates:
+        run.skips = SkippedUpdates((resumed or {}).get("skipped_updates", 0))
+    return run
+
+
+def open_trackers(run: Run) -> None:
+    """accelerate's trackers, on the main process (output_dir exists by then)."""
+    if run.accelerator.is_main_process:
         tracker_cfg = {
             k: (v if isinstance(v, int | float | str | bool) else str(v))
-            for k, v in dataclasses.asdict(cfg).items()
+            for k, v in dataclasses.asdict(run.cfg).items()
             if k != "validation_prompts"
         }
-        accelerator.init_trackers(cfg.tracker_project_name, tracker_cfg)
+        run.accelerator.init_trackers(run.cfg.tracker_project_name, tracker_cfg)
 
-    first = global_step  # the next update to run
+
+def run_updates(run: Run, validate: Validator) -> str | None:
+    """Train from run.global_step to the plan's end, checkpointing when due; returns the name of
+    what stopped it early (a checkpoint is saved first), or None."""
+    cfg, plan, stage, acc = run.cfg, run.plan, run.stage, run.accelerator
+    accum, first = plan.accum, run.global_step
     loader = torch.utils.data.DataLoader(
         _Updates(plan, first),
         batch_size=None,
@@ -142,114 +195,111 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         collate_fn=lambda b: b,
     )
     bar = tqdm(
-        total=max_train_steps,
-        initial=global_step,
-        desc=f"{stage_name} (torch)",
-        disable=not accelerator.is_local_main_process,
+        total=plan.max_train_steps,
+        initial=first,
+        desc=f"{stage.spec.name} (torch)",
+        disable=not acc.is_local_main_process,
     )
-    losses, t0 = [], time.perf_counter()
-    done = []  # when each update finished: per-update wall times for benchmarks
     shape = stage.x0_shape(cfg.train_batch_size, cfg.resolution)
-    skips = None
-    if cfg.skip_nonfinite_updates:
-        skips = SkippedUpdates((resumed or {}).get("skipped_updates", 0))
-    preempted = False
-    validate = Validator(cfg, stage, accelerator)
-    guard = PreemptionGuard(sigint=True)
+    pid, num_timesteps = acc.process_index, stage.schedule.num_train_timesteps
     try:
-        guard.__enter__()
-        for update, batches in enumerate(loader, start=first):
-            micros = range(update * accum, (update + 1) * accum)
-            draws = (
-                noise_stream.draw(
-                    plan.seed,
-                    m,
-                    accelerator.process_index,
-                    shape,
-                    stage.schedule.num_train_timesteps,
+        with PreemptionGuard(sigint=True) as guard:
+            for update, batches in enumerate(loader, start=first):
+                micros = range(update * accum, (update + 1) * accum)
+                draws = (noise_stream.draw(plan.seed, m, pid, shape, num_timesteps) for m in micros)
+                loss = train_step(
+                    acc,
+                    stage,
+                    run.model,
+                    run.optimizer,
+                    run.lr_scheduler,
+                    run.ema,
+                    [(batch, *draw) for batch, draw in zip(batches, draws)],
+                    max_grad_norm=cfg.max_grad_norm,
+                    snr_gamma=cfg.snr_gamma,
+                    encoded=plan.cache is not None,
+                    skip=run.skips,
                 )
-                for m in micros
-            )
-            loss = train_step(
-                accelerator,
-                stage,
-                model,
-                optimizer,
-                lr_scheduler,
-                ema,
-                [(batch, *draw) for batch, draw in zip(batches, draws)],
-                max_grad_norm=cfg.max_grad_norm,
-                snr_gamma=cfg.snr_gamma,
-                encoded=plan.cache is not None,
-                skip=skips,
-            )
-            global_step = update + 1
-            mean = torch.tensor(loss, device=accelerator.device)
-            train_loss = accelerator.gather(mean).mean().item()
-            losses.append(train_loss)
-            done.append(time.perf_counter())
-            lr = lr_scheduler.get_last_lr()[0]
-            accelerator.log({"train_loss": train_loss, "lr": lr}, step=global_step)
-            samples = (global_step - first) * accum * cfg.train_batch_size
-            rate = samples * accelerator.num_processes / (time.perf_counter() - t0)
-            bar.update(1)
-            bar.set_postfix(step_loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-            stop = any_process(accelerator, guard.requested)
-            due = global_step % cfg.checkpointing_steps == 0
-            if due or global_step == max_train_steps or stop:
-                meta = plan.state(global_step, **_skip_state(skips))
-                store.save(global_step, model, meta, ema=ema)
-            if stop:  # preemption: the checkpoint is saved, the job ends cleanly
-                preempted = True
-                break
-            # The last update is validated once, after the export, with the final weights.
-            if global_step != max_train_steps and plan.validation_due(micros):
-                validate(model, global_step, ema)
+                run.global_step = step = update + 1
+                train_loss = acc.gather(torch.tensor(loss, device=acc.device)).mean().item()
+                run.losses.append(train_loss)
+                run.done.append(time.perf_counter())
+                lr = run.lr_scheduler.get_last_lr()[0]
+                acc.log({"train_loss": train_loss, "lr": lr}, step=step)
+                samples = (step - first) * accum * cfg.train_batch_size * acc.num_processes
+                rate = samples / (time.perf_counter() - run.t0)
+                bar.update(1)
+                bar.set_postfix(
+                    step_loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}"
+                )
+                stop = any_process(acc, guard.requested)
+                if step % cfg.checkpointing_steps == 0 or step == plan.max_train_steps or stop:
+                    meta = plan.state(step, **_skip_state(run.skips))
+                    run.store.save(step, run.model, meta, ema=run.ema)
+                if stop:  # all processes stop here, whichever of them got the signal
+                    return guard.signal_name or "a signal to another process"
+                # The last update is validated once, after the export, with the final weights.
+                if step != plan.max_train_steps and plan.validation_due(micros):
+                    validate(run.model, step, run.ema)
     except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one too
         what = _memory_failure(e)
         if what is None:
             raise
-        raise out_of_memory(cfg, stage_name, what) from None
+        raise out_of_memory(cfg, stage.spec.name, what) from None
     finally:
-        guard.__exit__(None, None, None)
         bar.close()  # so an error line starts on a line of its own
+    return None
 
-    accelerator.wait_for_everyone()
+
+def finish(run: Run, validate: Validator, stopped_by: str | None) -> dict:
+    """Export the trained network (and validate it) or, when stopped early, say how to resume;
+    returns the run's summary."""
+    cfg, acc, out = run.cfg, run.accelerator, run.out
+    acc.wait_for_everyone()
     summary = {
-        "stage": stage_name,
+        "stage": run.stage.spec.name,
         "backend": "torch",
-        "updates": global_step,
-        **_skip_state(skips),
+        "updates": run.global_step,
+        **_skip_state(run.skips),
     }
-    if preempted:
-        # All processes stop together, whichever of them got the signal.
-        stopped_by = guard.signal_name or "a signal to another process"
-        accelerator.print(
-            f"stopped by {stopped_by} after update {global_step}; resume "
+    if stopped_by is not None:
+        acc.print(
+            f"stopped by {stopped_by} after update {run.global_step}; resume "
             "with --resume_from_checkpoint latest"
         )
-        accelerator.end_training()
+        acc.end_training()
         return {**summary, "preempted": True, "stopped_by": stopped_by}
-    if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        if ema is not None:
-            ema.copy_to(final.parameters())
+    if acc.is_main_process:
+        final = acc.unwrap_model(run.model)
+        if run.ema is not None:
+            run.ema.copy_to(final.parameters())
         try:
-            stage.export(final, cfg.output_dir)
+            run.stage.export(final, out)
         except OSError as e:  # the last checkpoint is complete: a resumed run only exports
-            out = Path(cfg.output_dir) / "export"
-            raise ckpt_files.write_failed(out, e, "torch", what="the final pipeline folder") from e
+            what = "the final pipeline folder"
+            raise ckpt_files.write_failed(out / "export", e, "torch", what=what) from e
         if cfg.validation_prompts:
-            validate(model, global_step)
-        elapsed = time.perf_counter() - t0
-        summary.update(seconds=round(elapsed, 2), output_dir=str(out))
-        write_summary(out, summary, losses)
-        summary["losses"] = losses  # in-process callers (tests) get every update's loss
-        summary["update_seconds"] = np.diff([t0, *done]).tolist()
+            validate(run.model, run.global_step)
+        summary.update(seconds=round(time.perf_counter() - run.t0, 2), output_dir=str(out))
+        write_summary(out, summary, run.losses)
+        summary["losses"] = run.losses  # in-process callers (tests) get every update's loss
+        summary["update_seconds"] = np.diff([run.t0, *run.done]).tolist()
         if cfg.push_to_hub:
             push_folder(cfg)
-    accelerator.end_training()
+    acc.end_training()
     return summary
+
+
+def train(cfg: TrainConfig, stage_name: str) -> dict:
+    """Run a whole training job; returns a summary (losses, paths). Raises UserError early."""
+    accelerator = configure_torch(cfg)
+    run = set_up(cfg, stage_name, accelerator)
+    if accelerator.is_main_process:
+        run.out.mkdir(parents=True, exist_ok=True)
+    open_trackers(run)
+    validate = Validator(cfg, run.stage, accelerator)
+    stopped_by = run_updates(run, validate)
+    return finish(run, validate, stopped_by)
 
 
 def _memory_failure(e: RuntimeError) -> str | None:
