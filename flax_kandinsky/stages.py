@@ -104,12 +104,12 @@ class Stage:
         return self.x0_shape(batch_size, resolution)
 
     @staticmethod
-    def to_reference(enc: dict) -> dict:
+    def to_torch_layout(enc: dict) -> dict:
         """Encoder outputs -> the reference layout the cache stores (NCHW latents)."""
         return enc
 
     @staticmethod
-    def from_reference(enc: dict) -> dict:
+    def from_torch_layout(enc: dict) -> dict:
         return enc
 
 
@@ -331,11 +331,11 @@ class DecoderStage(Stage):
         return np.ascontiguousarray(noise.transpose(0, 2, 3, 1))  # NCHW -> NHWC
 
     @staticmethod
-    def to_reference(enc: dict) -> dict:
+    def to_torch_layout(enc: dict) -> dict:
         return {**enc, "latents": jnp.transpose(enc["latents"], (0, 3, 1, 2))}  # NHWC -> NCHW
 
     @staticmethod
-    def from_reference(enc: dict) -> dict:
+    def from_torch_layout(enc: dict) -> dict:
         return {**enc, "latents": _nhwc(enc["latents"])}
 
     @staticmethod

@@ -33,7 +33,7 @@ from kandinsky_common.preprocess import (
     caption_choice,
     load_image_processor_config,
 )
-from kandinsky_common.sampler import EpochSampler
+from kandinsky_common.row_order import EpochSampler
 from kandinsky_common.stage_spec import SPECS, StageSpec
 
 

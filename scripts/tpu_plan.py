@@ -7,7 +7,7 @@ per-core memory, flops, estimated step time and MFU, and the largest per-core ba
 
 Writes <output_dir>/<slice>.json per slice and <output_dir>/table.md (every slice's JSON in
 output_dir, so slices can be planned by separate runs). Each real-size compile takes
-minutes on a CPU; --search adds a few compiles per row (see flax_kandinsky/plan.py). Finished
+minutes on a CPU; --search adds a few compiles per row (see flax_kandinsky/tpu_plan.py). Finished
 compiles are kept in <output_dir>/compiles.jsonl: a rerun resumes (delete it after model changes).
 """
 
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in_process", action="store_true", help="no process per compile (tiny)")
 
     def run(args):
-        from flax_kandinsky.plan import PlanSpec
-        from flax_kandinsky.plan_search import run_plans, write_results
+        from flax_kandinsky.tpu_plan import PlanSpec
+        from flax_kandinsky.tpu_plan_search import run_plans, write_results
 
         a = p.parse_args(args)
         batch, remat = per_stage(a.batch_per_core, int), per_stage(a.remat, REMAT.__getitem__)

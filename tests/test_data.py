@@ -230,7 +230,7 @@ import sys
 from kandinsky_common.data import load_train_dataset
 from kandinsky_common.preprocess import BatchBuilder
 from kandinsky_common.prefetch import Prefetcher
-from kandinsky_common.sampler import EpochSampler
+from kandinsky_common.row_order import EpochSampler
 ds = load_train_dataset(None, None, {str(root)!r}, {str(tmp_path / "c")!r}, "image", None, 4, 0)
 sampler = EpochSampler(len(ds), 3, seed=0)
 build = BatchBuilder(ds, image_column="image", resolution=32)

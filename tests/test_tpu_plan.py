@@ -1,4 +1,4 @@
-"""The TPU plan (flax_kandinsky/plan.py, scripts/tpu_plan.py) and its chunked attention.
+"""The TPU plan (flax_kandinsky/tpu_plan.py, scripts/tpu_plan.py) and its chunked attention.
 
 The attention tests run on CPU in fp32 at highest matmul precision: the chunked kernel must equal
 the dot kernel to round-off, masks and biases included, values and gradients. The plan tests
@@ -163,7 +163,7 @@ def test_set_attention_switches_a_model():
 
 
 def test_collective_bytes_reads_hlo():
-    from flax_kandinsky.plan import collective_bytes
+    from flax_kandinsky.tpu_plan import collective_bytes
 
     hlo = """
   %ag = bf16[8,1024]{1,0} all-gather(bf16[1,1024]{1,0} %p), replica_groups=[1,8]<=[8]
@@ -249,7 +249,8 @@ def test_unet_remat_policies_keep_convs_or_recompute_them():
 def test_max_batch_finds_the_edge_in_few_compiles(monkeypatch, hint):
     """A memory curve that bends (XLA's choices change with the batch): the search still lands
     on the exact edge, and in a handful of compiles (each takes minutes at real size)."""
-    from flax_kandinsky import plan, plan_search
+    from flax_kandinsky import tpu_plan as plan
+    from flax_kandinsky import tpu_plan_search as plan_search
 
     def fake_compile(spec):
         b = spec.batch_per_core
@@ -274,7 +275,8 @@ def test_max_batch_finds_the_edge_in_few_compiles(monkeypatch, hint):
 def test_max_batch_reads_what_a_failed_compile_needed(monkeypatch):
     """A compile out of HBM reports only the memory it needed; the search draws its line through
     that, so a flat start (two fits with equal memory) does not send it bisecting from the limit."""
-    from flax_kandinsky import plan, plan_search
+    from flax_kandinsky import tpu_plan as plan
+    from flax_kandinsky import tpu_plan_search as plan_search
 
     def fake_compile(spec):
         b = spec.batch_per_core
@@ -295,7 +297,8 @@ def test_max_batch_reads_what_a_failed_compile_needed(monkeypatch):
 
 def test_a_search_starts_from_the_compiles_already_made(monkeypatch, tmp_path):
     """A rerun (other search steps, a resumed plan) compiles nothing the memo already bounds."""
-    from flax_kandinsky import plan, plan_search
+    from flax_kandinsky import tpu_plan as plan
+    from flax_kandinsky import tpu_plan_search as plan_search
 
     calls = []
 

@@ -164,7 +164,7 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
     )
     graphdefs, params, consts = split_stage(stage)
     if cfg.embeddings_cache:
-        encode = jax.jit(lambda c, b: stage.to_reference(encode_frozen(stage, graphdefs, c, b)))
+        encode = jax.jit(lambda c, b: stage.to_torch_layout(encode_frozen(stage, graphdefs, c, b)))
         plan.use_cache(
             lambda batch: jax.tree.map(np.asarray, encode(consts, batch)),
             is_main=jax.process_index() == 0,
@@ -296,7 +296,7 @@ class Progress:
         self.bar.set_postfix(step_loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
 
 
-def run_updates(run: Run, progress: Progress, validate: Validator) -> str | None:
+def run_updates(run: Run, progress: Progress, validator: Validator) -> str | None:
     """Train from run.global_step to the plan's end, checkpointing when due; returns the name of
     the signal that stopped it early (a checkpoint is saved first), or None."""
     cfg, plan, stage = run.cfg, run.plan, run.stage
@@ -323,7 +323,7 @@ def run_updates(run: Run, progress: Progress, validate: Validator) -> str | None
                 if not last and plan.validation_due(micros):
                     weights = run.weights()
                     if run.main:
-                        validate(weights, run.global_step, progress.tracker)
+                        validator(weights, run.global_step, progress.tracker)
             progress.flush()
     except Exception as e:
         what = memory_failure(e)
@@ -337,7 +337,7 @@ def run_updates(run: Run, progress: Progress, validate: Validator) -> str | None
     return None
 
 
-def finish(run: Run, progress: Progress, validate: Validator, stopped_by: str | None) -> dict:
+def finish(run: Run, progress: Progress, validator: Validator, stopped_by: str | None) -> dict:
     """Export the trained network (and validate it) or, when stopped early, say how to resume;
     returns the run's summary."""
     cfg, out = run.cfg, run.out
@@ -363,7 +363,7 @@ def finish(run: Run, progress: Progress, validate: Validator, stopped_by: str | 
         except OSError as e:  # the last checkpoint is complete: a resumed run only exports
             raise write_failed(out / "export", e, "flax", what="the final pipeline folder") from e
         if cfg.validation_prompts:
-            validate(final, run.global_step, progress.tracker)
+            validator(final, run.global_step, progress.tracker)
         summary.update(seconds=round(time.perf_counter() - progress.t0, 2), output_dir=str(out))
         write_summary(out, summary, progress.losses)
         summary["losses"] = progress.losses  # in-process callers (tests) get every update's loss
@@ -384,6 +384,6 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         run.out.mkdir(parents=True, exist_ok=True)
         tracker = open_tracker(cfg)
     progress = Progress(run, tracker)
-    validate = Validator(cfg, run.stage)
-    stopped_by = run_updates(run, progress, validate)
-    return finish(run, progress, validate, stopped_by)
+    validator = Validator(cfg, run.stage)
+    stopped_by = run_updates(run, progress, validator)
+    return finish(run, progress, validator, stopped_by)

@@ -94,7 +94,7 @@ def stage_loss(
     `encoded`: then `batch` holds their cached outputs (reference layout)."""
     model = nnx.merge(graphdefs["model"], params, consts["model_rest"])
     if encoded:
-        enc = stage.from_reference(batch)
+        enc = stage.from_torch_layout(batch)
     else:
         enc = encode_frozen(stage, graphdefs, consts, batch)
     x0 = stage.x0(model, enc)

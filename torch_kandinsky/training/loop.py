@@ -183,7 +183,7 @@ def open_trackers(run: Run) -> None:
         run.accelerator.init_trackers(run.cfg.tracker_project_name, tracker_cfg)
 
 
-def run_updates(run: Run, validate: Validator) -> str | None:
+def run_updates(run: Run, validator: Validator) -> str | None:
     """Train from run.global_step to the plan's end, checkpointing when due; returns the name of
     what stopped it early (a checkpoint is saved first), or None."""
     cfg, plan, stage, acc = run.cfg, run.plan, run.stage, run.accelerator
@@ -240,7 +240,7 @@ def run_updates(run: Run, validate: Validator) -> str | None:
                     return guard.signal_name or "a signal to another process"
                 # The last update is validated once, after the export, with the final weights.
                 if step != plan.max_train_steps and plan.validation_due(micros):
-                    validate(run.model, step, run.ema)
+                    validator(run.model, step, run.ema)
     except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one too
         what = _memory_failure(e)
         if what is None:
@@ -251,7 +251,7 @@ def run_updates(run: Run, validate: Validator) -> str | None:
     return None
 
 
-def finish(run: Run, validate: Validator, stopped_by: str | None) -> dict:
+def finish(run: Run, validator: Validator, stopped_by: str | None) -> dict:
     """Export the trained network (and validate it) or, when stopped early, say how to resume;
     returns the run's summary."""
     cfg, acc, out = run.cfg, run.accelerator, run.out
@@ -279,7 +279,7 @@ def finish(run: Run, validate: Validator, stopped_by: str | None) -> dict:
             what = "the final pipeline folder"
             raise ckpt_files.write_failed(out / "export", e, "torch", what=what) from e
         if cfg.validation_prompts:
-            validate(run.model, run.global_step)
+            validator(run.model, run.global_step)
         summary.update(seconds=round(time.perf_counter() - run.t0, 2), output_dir=str(out))
         write_summary(out, summary, run.losses)
         summary["losses"] = run.losses  # in-process callers (tests) get every update's loss
@@ -297,9 +297,9 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
     if accelerator.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
     open_trackers(run)
-    validate = Validator(cfg, run.stage, accelerator)
-    stopped_by = run_updates(run, validate)
-    return finish(run, validate, stopped_by)
+    validator = Validator(cfg, run.stage, accelerator)
+    stopped_by = run_updates(run, validator)
+    return finish(run, validator, stopped_by)
 
 
 def _memory_failure(e: RuntimeError) -> str | None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kandinsky_common.errors import UserError
-from kandinsky_common.sampler import EpochSampler
+from kandinsky_common.row_order import EpochSampler
 
 
 def test_same_arguments_same_order_and_seed_changes_it():

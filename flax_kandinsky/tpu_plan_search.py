@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from flax_kandinsky.plan import GIB, HBM_BYTES, PEAK_FLOPS, PlanSpec, compile_step, model_flops
+from flax_kandinsky.tpu_plan import GIB, HBM_BYTES, PEAK_FLOPS, PlanSpec, compile_step, model_flops
 from kandinsky_common.errors import UserError
 
 
