@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,13 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from flax_kandinsky.orbax_failures import (
+    describe_damage,
+    drop_aborted_read_reports,
+    is_damage,
+    raise_unreadable,
+    root_cause,
+)
 from kandinsky_common import checkpoints as ck
 from kandinsky_common.errors import CheckpointDamaged, UserError
 
@@ -121,108 +127,12 @@ def read_meta(path: str | Path) -> dict:
     except FileNotFoundError as e:
         raise CheckpointDamaged(path, f"{META_ITEM}/{ck.STATE_FILE} is missing") from e
     except PermissionError as e:
-        _raise_unreadable(path, e)
+        raise_unreadable(path, e)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointDamaged(path, f"{META_ITEM}/{ck.STATE_FILE} is unreadable: {e}") from e
     if not isinstance(meta, dict):
         raise CheckpointDamaged(path, f"{META_ITEM}/{ck.STATE_FILE} is not a JSON object")
     return meta
-
-
-def _root_cause(e: BaseException) -> str:
-    """One line for the deepest explicit cause: tensorstore's own message names file and array."""
-    while e.__cause__ is not None:
-        e = e.__cause__
-    lines = str(e).strip().splitlines()
-    text = lines[0].split(" See full TensorStore details")[0] if lines else type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _is_damage(e: BaseException) -> bool:
-    """Whether a failed read means missing or corrupt files (what a fallback to an older
-    checkpoint can fix), as opposed to memory, a bad argument or a bug."""
-    for x in ck.exception_chain(e):
-        if isinstance(x, MemoryError) or "RESOURCE_EXHAUSTED" in str(x):
-            return False
-    for x in ck.exception_chain(e):
-        if isinstance(x, PermissionError):
-            return False
-        if isinstance(x, OSError | EOFError | json.JSONDecodeError | UnicodeDecodeError):
-            return True
-        if _TENSORSTORE_DAMAGE.search(str(x)):
-            return True
-    return False
-
-
-def _raise_unreadable(path: Path, e: BaseException) -> None:
-    """A checkpoint this user may not read is intact: say so, with the fix."""
-    for x in ck.exception_chain(e):
-        if isinstance(x, PermissionError):
-            raise UserError(
-                f"checkpoint {path} cannot be read ({x}); give this user read access to it"
-            ) from e
-
-
-def _describe_damage(e: BaseException) -> str:
-    cause = _root_cause(e)
-    m = re.search(r'Error reading "([^"/]+)', cause)
-    if m:
-        return f"array {m.group(1)} cannot be read: {cause}"
-    return f"{STATE_ITEM}/: {cause}"
-
-
-def _is_aborted_read_report(unraisable) -> bool:
-    # orbax 0.12 reads and writes arrays in parallel coroutines. When one fails, its event loop
-    # closes with the others pending: their tensorstore callbacks then hit the closed loop, and
-    # the coroutines, closed at garbage collection (maybe much later, even at interpreter exit),
-    # turn GeneratorExit into a new exception (`except BaseException` in orbax's coroutines).
-    # They land in sys.unraisablehook as tracebacks after the failure has been reported properly.
-    exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-        return True
-    code = getattr(unraisable.object, "cr_code", None)
-    if code is None:
-        return False
-    return code.co_name == "_read_array_index_and_device_put" or _ORBAX_DIR in code.co_filename
-
-
-_ORBAX_DIR = f"{Path(ocp.__file__).parent}"
-# tensorstore's I/O failures: what CheckpointDamaged and a failed save report in one line.
-_TENSORSTORE_IO = re.compile(r"\b[A-Z_]+: Error (reading|writing)\b")
-# What tensorstore and orbax say of missing or corrupt checkpoint files.
-_TENSORSTORE_DAMAGE = re.compile(
-    r"\b(DATA_LOSS|NOT_FOUND|OUT_OF_RANGE|FAILED_PRECONDITION): |Error (reading|opening|decoding)"
-)
-
-
-class _DropReportedIOErrors(logging.Filter):
-    """orbax logs each failed array read or write with a traceback from its worker threads
-    (absl), and asyncio logs the futures it left unretrieved; the store raises the same failure
-    to its caller as one line (CheckpointDamaged, or the write failure), so these repeat it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        while exc is not None:
-            if _TENSORSTORE_IO.search(str(exc)):
-                return False
-            exc = exc.__cause__ or exc.__context__
-        return True
-
-
-def _drop_aborted_read_reports() -> None:
-    """Filter those reports for the rest of the process; everything else passes through."""
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_aborted_reads", False):
-        return
-    for name in ("absl", "asyncio"):
-        logging.getLogger(name).addFilter(_DropReportedIOErrors())
-
-    def hook(unraisable) -> None:
-        if not _is_aborted_read_report(unraisable):
-            previous(unraisable)
-
-    hook.drops_aborted_reads = True
-    sys.unraisablehook = hook
 
 
 def _absolute(path: str | Path) -> Path:
@@ -321,7 +231,7 @@ class CheckpointStore:
             raise ValueError(f"meta says backend {meta['backend']!r}; this store writes flax")
         if step == self._last_saved:
             return
-        _drop_aborted_read_reports()  # a failed write (full disk) spews like a failed read
+        drop_aborted_read_reports()  # a failed write (full disk) spews like a failed read
         manager = self._get_manager()
         self.wait()  # the previous save's failure is that checkpoint's, not this one's
         if step in manager.all_steps():
@@ -426,10 +336,10 @@ class CheckpointStore:
             metadata = self._get_reader().metadata(epath.Path(path)).item_metadata
             tree = metadata.get(STATE_ITEM) if metadata is not None else None
         except Exception as e:
-            _raise_unreadable(path, e)
-            if not _is_damage(e):
+            raise_unreadable(path, e)
+            if not is_damage(e):
                 raise
-            raise CheckpointDamaged(path, f"{STATE_ITEM}/ metadata: {_root_cause(e)}") from e
+            raise CheckpointDamaged(path, f"{STATE_ITEM}/ metadata: {root_cause(e)}") from e
         if tree is None:
             return set()  # only the tree metadata file is gone; the restore finds out about that
         saved = {leaf.name: leaf for leaf in jax.tree.leaves(tree.tree) if hasattr(leaf, "name")}
@@ -472,14 +382,14 @@ class CheckpointStore:
         legacy = self._check_fits(path, abstract_state)
         target = _as_written_before_pure_dicts(abstract_state, legacy) if legacy else abstract_state
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)})
-        _drop_aborted_read_reports()  # before: the reports can come from other threads at once
+        drop_aborted_read_reports()  # before: the reports can come from other threads at once
         try:
             restored = self._get_reader().restore(epath.Path(path), args=args)
         except Exception as e:
-            _raise_unreadable(path, e)
-            if not _is_damage(e):
+            raise_unreadable(path, e)
+            if not is_damage(e):
                 raise  # out of memory, a bug, ...: not the checkpoint's fault, never "damaged"
-            raise CheckpointDamaged(path, _describe_damage(e)) from e
+            raise CheckpointDamaged(path, describe_damage(e)) from e
         state = restored[STATE_ITEM]
         if legacy:  # same leaves in the same order, one dict level deeper
             state = jax.tree.unflatten(jax.tree.structure(abstract_state), jax.tree.leaves(state))
