@@ -305,7 +305,7 @@ class UNet2DConditionModel(nnx.Module):
         self.encoder_hid_proj = ImageProjection(cfg["encoder_hid_dim"], cross, **kw)
         self.add_embedding = ImageTimeEmbedding(cfg["encoder_hid_dim"], time_embed_dim, **kw)
 
-        rs = dict(
+        resnet_settings = dict(
             temb_channels=time_embed_dim,
             groups=cfg["norm_num_groups"],
             eps=cfg["norm_eps"],
@@ -317,7 +317,13 @@ class UNet2DConditionModel(nnx.Module):
         down_blocks, out_ch = [], boc[0]
         for i, block_type in enumerate(cfg["down_block_types"]):
             in_ch, out_ch = out_ch, boc[i]
-            common = dict(num_layers=layers[i], add_downsample=i < n - 1, rs=rs, remat=remat, **kw)
+            common = dict(
+                num_layers=layers[i],
+                add_downsample=i < n - 1,
+                resnet_settings=resnet_settings,
+                remat=remat,
+                **kw,
+            )
             if block_type.removeprefix("UNetRes") == "ResnetDownsampleBlock2D":
                 block = ResnetDownsampleBlock2D(in_ch, out_ch, **common)
             else:
@@ -331,12 +337,15 @@ class UNet2DConditionModel(nnx.Module):
             down_blocks.append(block)
         self.down_blocks = nnx.List(down_blocks)
 
-        mid_rs = {**rs, "output_scale_factor": cfg["mid_block_scale_factor"]}
+        mid_resnet_settings = {
+            **resnet_settings,
+            "output_scale_factor": cfg["mid_block_scale_factor"],
+        }
         self.mid_block = UNetMidBlock2DSimpleCrossAttn(
             boc[-1],
             head_dim=head_dims[-1],
             cross_attention_dim=cross,
-            rs=mid_rs,
+            resnet_settings=mid_resnet_settings,
             remat=remat,
             **kw,
         )
@@ -348,7 +357,11 @@ class UNet2DConditionModel(nnx.Module):
         for i, block_type in enumerate(cfg["up_block_types"]):
             prev, out_ch, in_ch = out_ch, rev[i], rev[min(i + 1, n - 1)]
             common = dict(
-                num_layers=rev_layers[i] + 1, add_upsample=i < n - 1, rs=rs, remat=remat, **kw
+                num_layers=rev_layers[i] + 1,
+                add_upsample=i < n - 1,
+                resnet_settings=resnet_settings,
+                remat=remat,
+                **kw,
             )
             if block_type.removeprefix("UNetRes") == "ResnetUpsampleBlock2D":
                 block = ResnetUpsampleBlock2D(in_ch, prev, out_ch, **common)

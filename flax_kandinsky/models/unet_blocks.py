@@ -96,12 +96,12 @@ class AddedKVAttention(nnx.Module):
         return o.reshape(b, h, w, c) + residual  # (B,HW,C) -> (B,H,W,C)
 
 
-def _resnet(cin, cout, rs, kw, **extra):
-    """A UNet ResnetBlock2D from the shared resnet settings `rs` and dtype/rngs `kw`."""
-    return ResnetBlock2D(cin, cout, **rs, **kw, **extra)
+def _resnet(cin, cout, resnet_settings, kw, **extra):
+    """A UNet ResnetBlock2D from the shared `resnet_settings` and dtype/rngs `kw`."""
+    return ResnetBlock2D(cin, cout, **resnet_settings, **kw, **extra)
 
 
-def _attn(channels, head_dim, cross_dim, rs, kw):
+def _attn(channels, head_dim, cross_dim, resnet_settings, kw):
     # diffusers builds these with heads = channels // attention_head_dim, head width
     # attention_head_dim, group_norm over resnet_groups with Attention's default eps 1e-5.
     return AddedKVAttention(
@@ -109,7 +109,7 @@ def _attn(channels, head_dim, cross_dim, rs, kw):
         heads=channels // head_dim,
         head_dim=head_dim,
         added_kv_proj_dim=cross_dim,
-        norm_num_groups=rs["groups"],
+        norm_num_groups=resnet_settings["groups"],
         **kw,
     )
 
@@ -121,7 +121,7 @@ class ResnetDownsampleBlock2D(nnx.Module):
         in_channels, out_channels: channels in and out.
         num_layers: resnets in the block.
         add_downsample: whether to end with the downsampling resnet.
-        rs: shared ResnetBlock2D numerics (temb_channels, groups, eps, non_linearity,
+        resnet_settings: shared ResnetBlock2D numerics (temb_channels, groups, eps, non_linearity,
             time_embedding_norm, skip_time_act, output_scale_factor).
         remat: gradient-checkpoint each resnet call.
         dtype, param_dtype, rngs: compute dtype, parameter dtype, initialisation keys.
@@ -135,7 +135,7 @@ class ResnetDownsampleBlock2D(nnx.Module):
         *,
         num_layers,
         add_downsample,
-        rs,
+        resnet_settings,
         remat=False,
         dtype=None,
         param_dtype=jnp.float32,
@@ -145,12 +145,12 @@ class ResnetDownsampleBlock2D(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.resnets = nnx.List(
             [
-                _resnet(in_channels if i == 0 else out_channels, out_channels, rs, kw)
+                _resnet(in_channels if i == 0 else out_channels, out_channels, resnet_settings, kw)
                 for i in range(num_layers)
             ]
         )
         self.downsamplers = (
-            nnx.List([_resnet(out_channels, out_channels, rs, kw, down=True)])
+            nnx.List([_resnet(out_channels, out_channels, resnet_settings, kw, down=True)])
             if add_downsample
             else None
         )
@@ -170,7 +170,7 @@ class SimpleCrossAttnDownBlock2D(nnx.Module):
     """`num_layers` x (resnet, added-KV attention), then (unless last) a downsampling resnet.
 
     Parameters:
-        in_channels, out_channels, num_layers, add_downsample, rs, remat, dtype,
+        in_channels, out_channels, num_layers, add_downsample, resnet_settings, remat, dtype,
             param_dtype, rngs: as ResnetDownsampleBlock2D.
         head_dim: attention head width; heads = out_channels // head_dim (diffusers'
             attention_head_dim).
@@ -186,7 +186,7 @@ class SimpleCrossAttnDownBlock2D(nnx.Module):
         add_downsample,
         head_dim,
         cross_attention_dim,
-        rs,
+        resnet_settings,
         remat=False,
         dtype=None,
         param_dtype=jnp.float32,
@@ -196,15 +196,18 @@ class SimpleCrossAttnDownBlock2D(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.resnets = nnx.List(
             [
-                _resnet(in_channels if i == 0 else out_channels, out_channels, rs, kw)
+                _resnet(in_channels if i == 0 else out_channels, out_channels, resnet_settings, kw)
                 for i in range(num_layers)
             ]
         )
         self.attentions = nnx.List(
-            [_attn(out_channels, head_dim, cross_attention_dim, rs, kw) for _ in range(num_layers)]
+            [
+                _attn(out_channels, head_dim, cross_attention_dim, resnet_settings, kw)
+                for _ in range(num_layers)
+            ]
         )
         self.downsamplers = (
-            nnx.List([_resnet(out_channels, out_channels, rs, kw, down=True)])
+            nnx.List([_resnet(out_channels, out_channels, resnet_settings, kw, down=True)])
             if add_downsample
             else None
         )
@@ -227,7 +230,7 @@ class UNetMidBlock2DSimpleCrossAttn(nnx.Module):
     Parameters:
         channels: channels of the block; head_dim: attention head width (heads = channels //
             head_dim); cross_attention_dim: context width.
-        rs, remat, dtype, param_dtype, rngs: as the down blocks.
+        resnet_settings, remat, dtype, param_dtype, rngs: as the down blocks.
     """
 
     def __init__(
@@ -236,7 +239,7 @@ class UNetMidBlock2DSimpleCrossAttn(nnx.Module):
         *,
         head_dim,
         cross_attention_dim,
-        rs,
+        resnet_settings,
         remat=False,
         dtype=None,
         param_dtype=jnp.float32,
@@ -244,8 +247,12 @@ class UNetMidBlock2DSimpleCrossAttn(nnx.Module):
     ):
         self.remat = remat
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List([_resnet(channels, channels, rs, kw) for _ in range(2)])
-        self.attentions = nnx.List([_attn(channels, head_dim, cross_attention_dim, rs, kw)])
+        self.resnets = nnx.List(
+            [_resnet(channels, channels, resnet_settings, kw) for _ in range(2)]
+        )
+        self.attentions = nnx.List(
+            [_attn(channels, head_dim, cross_attention_dim, resnet_settings, kw)]
+        )
 
     def __call__(self, x, temb, context):
         x = call(self.resnets[0], self.remat, x, temb)
@@ -261,7 +268,8 @@ class ResnetUpsampleBlock2D(nnx.Module):
     Parameters:
         in_channels: channels of the deepest skip this block consumes (its last resnet's skip).
         prev_output_channel: channels coming from the block below.
-        out_channels, num_layers, rs, remat, dtype, param_dtype, rngs: as the down blocks.
+        out_channels, num_layers, resnet_settings, remat, dtype, param_dtype, rngs: as the down
+            blocks.
         add_upsample: end with a ResnetBlock2D(up=True) as `upsamplers[0]`.
     """
 
@@ -273,7 +281,7 @@ class ResnetUpsampleBlock2D(nnx.Module):
         *,
         num_layers,
         add_upsample,
-        rs,
+        resnet_settings,
         remat=False,
         dtype=None,
         param_dtype=jnp.float32,
@@ -285,10 +293,10 @@ class ResnetUpsampleBlock2D(nnx.Module):
         for i in range(num_layers):
             skip = in_channels if i == num_layers - 1 else out_channels
             cin = prev_output_channel if i == 0 else out_channels
-            resnets.append(_resnet(cin + skip, out_channels, rs, kw))
+            resnets.append(_resnet(cin + skip, out_channels, resnet_settings, kw))
         self.resnets = nnx.List(resnets)
         self.upsamplers = (
-            nnx.List([_resnet(out_channels, out_channels, rs, kw, up=True)])
+            nnx.List([_resnet(out_channels, out_channels, resnet_settings, kw, up=True)])
             if add_upsample
             else None
         )
@@ -306,8 +314,8 @@ class SimpleCrossAttnUpBlock2D(nnx.Module):
     """`num_layers` x (resnet over cat([h, skip]), added-KV attention), then an upsampler.
 
     Parameters:
-        in_channels, prev_output_channel, out_channels, num_layers, add_upsample, rs, remat,
-            dtype, param_dtype, rngs: as ResnetUpsampleBlock2D.
+        in_channels, prev_output_channel, out_channels, num_layers, add_upsample,
+            resnet_settings, remat, dtype, param_dtype, rngs: as ResnetUpsampleBlock2D.
         head_dim: attention head width (heads = out_channels // head_dim).
         cross_attention_dim: context width.
     """
@@ -322,7 +330,7 @@ class SimpleCrossAttnUpBlock2D(nnx.Module):
         add_upsample,
         head_dim,
         cross_attention_dim,
-        rs,
+        resnet_settings,
         remat=False,
         dtype=None,
         param_dtype=jnp.float32,
@@ -334,13 +342,16 @@ class SimpleCrossAttnUpBlock2D(nnx.Module):
         for i in range(num_layers):
             skip = in_channels if i == num_layers - 1 else out_channels
             cin = prev_output_channel if i == 0 else out_channels
-            resnets.append(_resnet(cin + skip, out_channels, rs, kw))
+            resnets.append(_resnet(cin + skip, out_channels, resnet_settings, kw))
         self.resnets = nnx.List(resnets)
         self.attentions = nnx.List(
-            [_attn(out_channels, head_dim, cross_attention_dim, rs, kw) for _ in range(num_layers)]
+            [
+                _attn(out_channels, head_dim, cross_attention_dim, resnet_settings, kw)
+                for _ in range(num_layers)
+            ]
         )
         self.upsamplers = (
-            nnx.List([_resnet(out_channels, out_channels, rs, kw, up=True)])
+            nnx.List([_resnet(out_channels, out_channels, resnet_settings, kw, up=True)])
             if add_upsample
             else None
         )
