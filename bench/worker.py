@@ -15,7 +15,6 @@ import time
 
 START = time.perf_counter()  # before any framework import: the origin of time-to-first-step
 
-import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -33,35 +32,24 @@ def steady(update_seconds: list[float]) -> list[float]:
     return update_seconds[SKIP:-1]
 
 
-def _capture_step(loop, captured: dict) -> None:
-    """Record the abstract arguments of the flax loop's first step call, for cost_analysis."""
-    import jax
+def _capture_step(captured: dict) -> None:
+    """Keep the flax loop's step as compiled ahead of time (StepFn.compile), for cost_analysis."""
+    from flax_kandinsky.training.step import StepFn
 
-    make = loop.make_train_step
+    compile_step = StepFn.compile
 
-    def make_train_step(*args, **kwargs):
-        step = make(*args, **kwargs)
-        fn = step.fn
+    def compile_recording(self, *args, **kwargs):
+        captured["compiled"] = compiled = compile_step(self, *args, **kwargs)
+        return compiled
 
-        def fn_recording(*call_args):
-            if "args" not in captured:
-                captured["fn"] = fn
-                captured["args"] = jax.tree.map(
-                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                    call_args,
-                )
-            return fn(*call_args)
-
-        return dataclasses.replace(step, fn=fn_recording)
-
-    loop.make_train_step = make_train_step
+    StepFn.compile = compile_recording
 
 
 def _step_flops(captured: dict) -> float | None:
     """XLA's own count of the compiled step's flops (after fusion; a while loop counts once)."""
-    if "fn" not in captured:
+    if "compiled" not in captured:
         return None
-    cost = captured["fn"].lower(*captured["args"]).compile().cost_analysis()
+    cost = captured["compiled"].cost_analysis()
     if isinstance(cost, list | tuple):  # older jax: one dict per executable
         cost = cost[0] if cost else {}
     return float(cost.get("flops", 0.0)) or None
@@ -74,7 +62,7 @@ def train(spec: dict) -> dict:
     loop = importlib.import_module(f"{spec['backend']}_kandinsky.training.loop")
     captured: dict = {}
     if spec["backend"] == "flax" and spec.get("flops"):
-        _capture_step(loop, captured)
+        _capture_step(captured)
     summary = loop.train(cfg, spec["stage"])
     end = time.perf_counter()
     seconds = summary["update_seconds"]
