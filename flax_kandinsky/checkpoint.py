@@ -40,6 +40,7 @@ from flax_kandinsky.orbax_failures import (
     describe_damage,
     drop_aborted_read_reports,
     is_damage,
+    join_writer_threads,
     raise_unreadable,
     root_cause,
 )
@@ -254,6 +255,7 @@ class CheckpointStore:
         """A save that failed (a full disk): its folder never became `checkpoint-N`, so "latest"
         is the previous one. Remove the remains to give the space back, and say so in one line."""
         failure = ck.write_failed(self.path(step), error, BACKEND)
+        join_writer_threads()
         if jax.process_index() == 0:
             for tmp in self.output_dir.glob(f"{self.path(step).name}{ck.ORBAX_TMP_MARK}*"):
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -8,6 +8,8 @@ import json
 import logging
 import re
 import sys
+import threading
+import time
 from pathlib import Path
 
 import orbax.checkpoint as ocp
@@ -112,3 +114,17 @@ def drop_aborted_read_reports() -> None:
 
     hook.drops_aborted_reads = True
     sys.unraisablehook = hook
+
+
+def join_writer_threads(timeout: float = 60.0) -> None:
+    """Wait for orbax's background writers after a failed save.
+
+    One failed future (the metadata file on a full disk) ends `wait_until_finished` while the
+    array writers of the same save are still running; they would recreate files in the tmp folder
+    after the caller removed it."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is threading.current_thread() or not thread.is_alive():
+            continue
+        if type(thread).__module__.startswith("orbax."):
+            thread.join(max(0.0, deadline - time.monotonic()))
