@@ -13,7 +13,7 @@ from flax_kandinsky.stages import make_stage
 from flax_kandinsky.training.optim import make_optimizer
 from flax_kandinsky.training.step import init_state, split_stage
 from kandinsky_common.errors import UserError
-from kandinsky_common.flags import TrainConfig
+from kandinsky_common.flags import config_from_record
 
 
 def load_checkpoint_model(checkpoint: str | Path, use_ema: bool = True):
@@ -25,7 +25,7 @@ def load_checkpoint_model(checkpoint: str | Path, use_ema: bool = True):
     meta = read_meta(checkpoint)
     if "config" not in meta:
         raise UserError(f"{checkpoint} predates checkpoints that record their run; export needs it")
-    cfg = TrainConfig(**meta["config"])
+    cfg = config_from_record(meta["config"])
     stage = make_stage(cfg, meta["stage"])
     _, params, _ = split_stage(stage)
     tx = make_optimizer(cfg, max(int(meta["global_step"]), 1))
@@ -41,10 +41,12 @@ def load_checkpoint_model(checkpoint: str | Path, use_ema: bool = True):
 
 
 def checkpoint_params(checkpoint: str | Path, use_ema: bool = True) -> tuple[str, dict]:
-    """(stage name, trained params as a pure dict of arrays) of a flax training checkpoint folder
-    (checkpoint-N): the EMA weights when the run kept them and `use_ema`, else the live ones."""
+    """(stage name, the network's params as a pure dict of arrays) of a flax training checkpoint
+    folder (checkpoint-N): the EMA weights when the run kept them and `use_ema`, else the live
+    ones; a LoRA run's adapter folded into its base."""
     stage, model = load_checkpoint_model(checkpoint, use_ema)
-    return stage.spec.name, nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
+    trained = nnx.to_pure_dict(nnx.split(model, stage.trainable, ...)[1])
+    return stage.spec.name, stage.sampling_params(trained)
 
 
 def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, use_ema: bool = True) -> Path:

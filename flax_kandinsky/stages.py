@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from transformers import CLIPTokenizer
 
+from flax_kandinsky import lora as lora_ops
 from flax_kandinsky.models.clip import (
     CLIPTextModelWithProjection,
     CLIPVisionModelWithProjection,
@@ -31,6 +32,7 @@ from flax_kandinsky.models.unet import UNet2DConditionModel, load_unet, save_une
 from flax_kandinsky.pretrained import build_abstract
 from kandinsky_common.flags import TrainConfig
 from kandinsky_common.folders import check_pipeline_folder, read_config, write_decoder_readme
+from kandinsky_common.lora import LoraSettings, write_adapter
 from kandinsky_common.schedule import NoiseSchedule
 from kandinsky_common.stage_spec import DECODER, PRIOR, StageSpec
 
@@ -58,6 +60,20 @@ def _dtypes(cfg: TrainConfig) -> dict:
     )
 
 
+def _lora_kw(cfg: TrainConfig, spec: StageSpec) -> dict:
+    """The LoRA keywords of a stage constructor, from a LoRA script's flags (none otherwise)."""
+    lora = LoraSettings.from_config(cfg, spec)
+    if lora is None:
+        return {}
+    return dict(lora=lora, lora_seed=cfg.seed or 0, merge_lora=cfg.merge_lora)
+
+
+def _base_dtype(frozen_dtype, lora_kw: dict):
+    """The trained network's parameter dtype: float32 master weights, unless only adapters
+    train; then its base is frozen like the encoders (bf16 under --mixed_precision bf16)."""
+    return frozen_dtype if lora_kw.get("lora") is not None else jnp.float32
+
+
 def _prior_folder(path) -> Path:
     return check_pipeline_folder(path, "prior", "--pretrained_prior_model_name_or_path")
 
@@ -72,6 +88,8 @@ class Stage:
         folder: the stage's own pipeline folder; prior_folder: the prior pipeline folder (whose
             image encoder and image processor both stages use). None when built from configs.
         attention: the attention kernel of every part ("dot" or "chunked").
+        lora: adapters on the model's attention projections (then only they train, drawn from
+            `lora_seed`; `merge_lora`: the export also writes the merged pipeline folder).
     """
 
     spec: StageSpec
@@ -89,11 +107,40 @@ class Stage:
         prior_folder: Path | None = None,
         tokenizer=None,
         attention: str = "dot",
+        lora: LoraSettings | None = None,
+        lora_seed: int = 0,
+        merge_lora: bool = False,
     ):
         self.model, self.model_config, self.frozen = model, model_config, frozen
         self.configs, self.schedule = configs, schedule
         self.folder, self.prior_folder, self.tokenizer = folder, prior_folder, tokenizer
+        self.lora, self.merge_lora = lora, merge_lora
+        if lora is not None:
+            lora_ops.add_lora(self.model, lora, lora_seed)
         set_attention(attention, self.model, *self.frozen.values())
+
+    @property
+    def trainable(self) -> type[nnx.Variable]:
+        """The variables that train: the adapters of a LoRA run, else every nnx.Param."""
+        return nnx.Param if self.lora is None else nnx.LoRAParam
+
+    def sampling_params(self, trained: dict) -> dict:
+        """The network's params for a sampler, given the trained ones (a pure dict): the
+        adapter folded into the base weights for a LoRA run."""
+        if self.lora is None:
+            return trained
+        return lora_ops.merged_params(self.model, trained)
+
+    def export(self, model, output_dir: str | Path) -> Path:
+        """The trained network as users load it: the pipeline folder of a full fine-tune; the
+        adapter file of a LoRA run (and, with `merge_lora`, the folder of the merged network)."""
+        out = Path(output_dir)
+        if self.lora is None:
+            return self.export_pipeline(model, out)
+        write_adapter(out, lora_ops.to_peft(model), self.lora)
+        if self.merge_lora:
+            self.export_pipeline(lora_ops.fold(model), out)
+        return out
 
     def noise_layout(self, noise: np.ndarray) -> np.ndarray:
         """Noise drawn in the reference layout -> this backend's x0 layout."""
@@ -127,17 +174,30 @@ class PriorStage(Stage):
             remat=cfg.gradient_checkpointing,
             attention=cfg.attention,
             **_dtypes(cfg),
+            **_lora_kw(cfg, cls.spec),
         )
 
     @classmethod
     def from_folders(
-        cls, prior_dir, *, dtype=None, frozen_dtype=jnp.float32, remat=False, attention="dot"
+        cls,
+        prior_dir,
+        *,
+        dtype=None,
+        frozen_dtype=jnp.float32,
+        remat=False,
+        attention="dot",
+        **lora_kw,
     ) -> PriorStage:
         folder = _prior_folder(prior_dir)
         kw = dict(dtype=dtype, param_dtype=frozen_dtype)
         text_encoder, text_config = load_text_encoder(folder / "text_encoder", **kw)
         image_encoder, image_config = load_image_encoder(folder / "image_encoder", **kw)
-        model, config = load_prior(folder / "prior", dtype=dtype, gradient_checkpointing=remat)
+        model, config = load_prior(
+            folder / "prior",
+            dtype=dtype,
+            param_dtype=_base_dtype(frozen_dtype, lora_kw),
+            gradient_checkpointing=remat,
+        )
         return cls(
             model,
             config,
@@ -148,6 +208,7 @@ class PriorStage(Stage):
             prior_folder=folder,
             tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
             attention=attention,
+            **lora_kw,
         )
 
     @classmethod
@@ -223,9 +284,8 @@ class PriorStage(Stage):
             attention_mask=enc["text_mask"],
         )
 
-    def export(self, model, output_dir: str | Path) -> Path:
+    def export_pipeline(self, model, out: Path) -> Path:
         """KandinskyV22PriorPipeline folder: the trained prior, the rest as given."""
-        out = Path(output_dir)
         names = ("text_encoder", "image_encoder", "tokenizer", "scheduler", "image_processor")
         _copy_subfolders(self.folder, out, names)
         save_prior(model, self.model_config, out / "prior")
@@ -248,6 +308,7 @@ class DecoderStage(Stage):
             remat=cfg.gradient_checkpointing,
             attention=cfg.attention,
             **_dtypes(cfg),
+            **_lora_kw(cfg, cls.spec),
         )
 
     @classmethod
@@ -261,6 +322,7 @@ class DecoderStage(Stage):
         remat=False,
         prediction_type: str | None = None,
         attention="dot",
+        **lora_kw,
     ) -> DecoderStage:
         folder = check_pipeline_folder(
             decoder_dir, "decoder", "--pretrained_decoder_model_name_or_path"
@@ -269,7 +331,12 @@ class DecoderStage(Stage):
         kw = dict(dtype=dtype, param_dtype=frozen_dtype)
         image_encoder, image_config = load_image_encoder(prior / "image_encoder", **kw)
         movq, movq_config = load_movq(folder / "movq", **kw)
-        model, config = load_unet(folder / "unet", dtype=dtype, gradient_checkpointing=remat)
+        model, config = load_unet(
+            folder / "unet",
+            dtype=dtype,
+            param_dtype=_base_dtype(frozen_dtype, lora_kw),
+            gradient_checkpointing=remat,
+        )
         schedule = NoiseSchedule.for_training(
             read_config(folder / "scheduler"), prediction_type=prediction_type
         )
@@ -282,6 +349,7 @@ class DecoderStage(Stage):
             folder=folder,
             prior_folder=prior,
             attention=attention,
+            **lora_kw,
         )
 
     @classmethod
@@ -356,9 +424,8 @@ class DecoderStage(Stage):
         # channels 4..7 are the learned-variance head, unused in training
         return model(x_t, timesteps, enc["image_embeds"])[..., :4]
 
-    def export(self, model, output_dir: str | Path) -> Path:
+    def export_pipeline(self, model, out: Path) -> Path:
         """KandinskyV22Pipeline folder with a README naming the prior (AutoPipeline needs it)."""
-        out = Path(output_dir)
         _copy_subfolders(self.folder, out, ("movq", "scheduler"))
         save_unet(model, self.model_config, out / "unet")
         write_decoder_readme(

@@ -19,7 +19,7 @@ class Validator:
     """
 
     def __init__(self, cfg, stage):
-        self.cfg, self.params_key = cfg, stage.params_key
+        self.cfg, self.stage, self.params_key = cfg, stage, stage.params_key
         self._sampler = None
 
     def __call__(self, params, step: int, tracker=None) -> Path:
@@ -31,7 +31,7 @@ class Validator:
                 cfg.pretrained_decoder_model_name_or_path,
                 dtype=dtype,
             )
-        override = {self.params_key: params}
+        override = {self.params_key: self.stage.sampling_params(params)}
         images = self._sampler.generate(
             cfg.validation_prompts,
             height=cfg.resolution,

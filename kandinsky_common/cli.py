@@ -25,9 +25,11 @@ def backend_train(backend: str) -> Callable:
     return train
 
 
-def main(stage: str, argv: list[str] | None = None) -> int:
+def main(stage: str, argv: list[str] | None = None, lora: bool = False) -> int:
+    """Run the training script of `stage` (its LoRA script with `lora`)."""
+
     def _main(args):
-        cfg = parse_config(args, stage)
+        cfg = parse_config(args, stage, lora)
         try:
             train = backend_train(cfg.backend)
         except ModuleNotFoundError as e:

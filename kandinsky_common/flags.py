@@ -149,6 +149,47 @@ OUR_FLAGS = (
 DIFFUSERS_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in OUR_FLAGS)
 
 
+@dataclass
+class LoraTrainConfig(TrainConfig):
+    """The flags of the LoRA scripts (`train_text_to_image_lora_{prior,decoder}.py`): every flag
+    of the full ones, the reference LoRA scripts' own (`--rank`, `--validation_prompt`,
+    `--num_validation_images`, their defaults of `--output_dir` and `--validation_epochs`), and
+    ours (`--lora_alpha`, `--merge_lora`)."""
+
+    output_dir: str = _f("kandi_2_2-model-finetuned-lora", "Where checkpoints and the adapter go.")
+    validation_epochs: int = _f(1, "Validate every N epochs (and after epoch 0).")
+    rank: int = _f(4, "LoRA rank: the inner dimension of each adapter update.")
+    validation_prompt: str | None = _f(
+        None, "A prompt rendered --num_validation_images times at each validation."
+    )
+    num_validation_images: int = _f(4, "Images of --validation_prompt per validation.")
+    lora_alpha: float | None = _f(
+        None, "LoRA alpha: updates are scaled by alpha / rank; unset: alpha = rank (scale 1)."
+    )
+    merge_lora: bool = _f(
+        False,
+        "Also write the full pipeline folder with the adapter merged into the network, beside "
+        "the adapter file.",
+    )
+
+
+LORA_FLAGS = ("rank", "validation_prompt", "num_validation_images")  # the reference LoRA scripts'
+OUR_LORA_FLAGS = ("lora_alpha", "merge_lora")
+
+
+def config_class(lora: bool) -> type[TrainConfig]:
+    return LoraTrainConfig if lora else TrainConfig
+
+
+def config_from_record(record: dict) -> TrainConfig:
+    """The TrainConfig a checkpoint recorded (a LoRA run's records its rank)."""
+    return config_class("rank" in record)(**record)
+
+
+def script_name(stage: str, lora: bool = False) -> str:
+    return f"train_text_to_image_{'lora_' if lora else ''}{stage}.py"
+
+
 class _Parser(HfArgumentParser):
     """argparse reports mistakes as usage + message + exit 2; we want one `error:` line."""
 
@@ -159,12 +200,16 @@ class _Parser(HfArgumentParser):
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 
-def _description(stage: str) -> str:
+def _description(stage: str, lora: bool = False) -> str:
+    what = (
+        f"Train a LoRA adapter of the Kandinsky 2.2 {stage}"
+        if lora
+        else (f"Fine-tune the Kandinsky 2.2 {stage}")
+    )
     return (
-        f"Fine-tune the Kandinsky 2.2 {stage} with the flags of diffusers' "
-        f"train_text_to_image_{stage}.py, plus --backend flax|torch and the flags marked (ours) "
-        "in docs/flags.md. Flags may also come from a JSON or YAML file given first (keys are "
-        "flag names); flags after it override the file."
+        f"{what} with the flags of diffusers' {script_name(stage, lora)}, plus --backend "
+        "flax|torch and the flags marked (ours) in docs/flags.md. Flags may also come from a JSON "
+        "or YAML file given first (keys are flag names); flags after it override the file."
     )
 
 
@@ -202,10 +247,10 @@ def _load_config_file(path: Path) -> dict:
     return data
 
 
-def _file_to_argv(path: Path, data: dict) -> list[str]:
+def _file_to_argv(path: Path, data: dict, config_cls: type[TrainConfig]) -> list[str]:
     """The file's flags as command-line tokens, so that argparse converts and checks file values
     exactly as typed flags (a YAML `1e-5` is a string to PyYAML) and later flags override them."""
-    names = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    names = {f.name: f for f in dataclasses.fields(config_cls)}
     argv: list[str] = []
     for key, value in data.items():
         if key not in names:
@@ -264,17 +309,18 @@ def resolve_paths(cfg: TrainConfig) -> None:
         cfg.resume_from_checkpoint = absolute_if_here(cfg.resume_from_checkpoint)
 
 
-def parse_config(argv: list[str] | None, stage: str) -> TrainConfig:
+def parse_config(argv: list[str] | None, stage: str, lora: bool = False) -> TrainConfig:
     """Flags, or a .json/.yaml file followed by flags that override it, -> a validated
-    TrainConfig for `stage` with absolute paths."""
+    TrainConfig (LoraTrainConfig with `lora`) for `stage` with absolute paths."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    config_cls = config_class(lora)
     parser = _Parser(
-        TrainConfig, prog=f"train_text_to_image_{stage}.py", description=_description(stage)
+        config_cls, prog=script_name(stage, lora), description=_description(stage, lora)
     )
     if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
         path = Path(argv[0]).expanduser()
         try:
-            file_argv = _file_to_argv(path, _load_config_file(path))
+            file_argv = _file_to_argv(path, _load_config_file(path), config_cls)
             (cfg, rest) = parser.parse_args_into_dataclasses(
                 args=file_argv, return_remaining_strings=True
             )
@@ -291,7 +337,23 @@ def parse_config(argv: list[str] | None, stage: str) -> TrainConfig:
         cfg.local_rank = env_rank
     resolve_paths(cfg)
     validate(cfg, stage)
+    if lora:
+        _validate_lora(cfg)
     return cfg
+
+
+def _validate_lora(cfg: LoraTrainConfig) -> None:
+    """The LoRA scripts' own checks; `--validation_prompt` becomes the validation prompts."""
+    _positive(cfg, "rank", "num_validation_images", "lora_alpha")
+    if cfg.use_ema:
+        raise UserError(
+            "--use_ema is not a flag of the LoRA scripts (as in diffusers): the adapter is "
+            "small, train it without; or fine-tune fully with train_text_to_image_<stage>.py"
+        )
+    if cfg.validation_prompt is not None:
+        if cfg.validation_prompts:
+            raise UserError("pass --validation_prompt or --validation_prompts, not both")
+        cfg.validation_prompts = [cfg.validation_prompt] * cfg.num_validation_images
 
 
 def _positive(cfg: TrainConfig, *names: str) -> None:

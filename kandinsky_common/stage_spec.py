@@ -16,6 +16,8 @@ class StageSpec:
     caption_keys: tuple[str, ...]  # the encoded keys of the caption (a text-only batch's)
     # (pipeline folder, subfolder) of everything that shapes the encoder outputs
     encoder_folders: tuple[tuple[str, str], ...]
+    # LoRA targets: the attention projections of the trainable network (PEFT module suffixes)
+    lora_targets: tuple[str, ...]
 
 
 PRIOR = StageSpec(
@@ -27,6 +29,7 @@ PRIOR = StageSpec(
     encoded_keys=("text_embeds", "text_hidden_states", "text_mask", "image_embeds"),
     caption_keys=("text_embeds", "text_hidden_states", "text_mask"),
     encoder_folders=(("prior", "text_encoder"), ("prior", "image_encoder"), ("prior", "tokenizer")),
+    lora_targets=("to_q", "to_k", "to_v", "to_out.0"),
 )
 DECODER = StageSpec(
     name="decoder",
@@ -37,5 +40,7 @@ DECODER = StageSpec(
     encoded_keys=("latents", "image_embeds"),
     caption_keys=(),
     encoder_folders=(("decoder", "movq"), ("prior", "image_encoder")),
+    # the image-embedding attention's own key/value projections too
+    lora_targets=("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"),
 )
 SPECS = {s.name: s for s in (PRIOR, DECODER)}

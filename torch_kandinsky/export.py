@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from kandinsky_common.checkpoints import read_state
 from kandinsky_common.errors import CheckpointDamaged, UserError
-from kandinsky_common.flags import TrainConfig
+from kandinsky_common.flags import config_from_record
 from torch_kandinsky.stages import make_stage
 
 
@@ -23,7 +23,7 @@ def export_checkpoint(checkpoint, output_dir, use_ema: bool = True) -> Path:
         raise UserError(f"{checkpoint} predates checkpoints that record their run; export needs it")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--output {out} is not empty; pass a new folder")
-    cfg = TrainConfig(**meta["config"])
+    cfg = config_from_record(meta["config"])
     stage = make_stage(cfg, meta["stage"], torch.device("cpu"), torch.float32)
     sub = stage.spec.model_subfolder
     model = type(stage.model).from_pretrained(checkpoint / sub)

@@ -63,8 +63,23 @@ def _grad_barrier_bwd(_, g):
 grad_barrier.defvjp(_grad_barrier_fwd, _grad_barrier_bwd)
 
 
+class Linear(nnx.Linear):
+    """nnx.Linear that may carry a LoRA adapter: `lora` (set by flax_kandinsky.lora.add_lora)
+    adds its low-rank update to the output, as a PEFT LoRA layer does."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora = nnx.data(None)  # data, not static: an adapter may be set later
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        if self.lora is not None:
+            y = y + self.lora(x).astype(y.dtype)
+        return y
+
+
 def linear(din: int, dout: int, *, use_bias=True, dtype=None, param_dtype=jnp.float32, rngs):
-    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def conv2d(

@@ -61,12 +61,13 @@ def abstract_inputs(stage, global_batch: int, accum: int, resolution: int, cache
 
 
 def split_stage(stage):
-    """(graphdefs, trainable params, constants): constants = frozen encoders + model non-params.
+    """(graphdefs, trainable params, constants): constants = frozen encoders + the model's other
+    variables (its non-params; for a LoRA run, its whole base too).
 
     Params and constants are pure dicts of arrays, not nnx.State: a State's Variable leaves are
     Python pytree nodes, and flattening ~250 of them (params, Adam moments) on every step call
     cost ~5 ms of host time per update, taken from the cores that run the step."""
-    graphdef, params, rest = nnx.split(stage.model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(stage.model, stage.trainable, ...)
     frozen = {k: nnx.split(m) for k, m in stage.frozen.items()}
     graphdefs = {"model": graphdef, **{k: g for k, (g, _) in frozen.items()}}
     consts = {"model_rest": rest, **{k: s for k, (_, s) in frozen.items()}}
