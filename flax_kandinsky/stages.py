@@ -137,9 +137,15 @@ class Stage:
         out = Path(output_dir)
         if self.lora is None:
             return self.export_pipeline(model, out)
-        write_adapter(out, lora_ops.to_peft(model), self.lora)
+        adapter = lora_ops.to_peft(model)
+        write_adapter(out, adapter, self.lora)
         if self.merge_lora:
-            self.export_pipeline(lora_ops.fold(model), out)
+            # folded into the float32 base as its folder holds it: an export is float32 whatever
+            # the training precision, and the stage's own model keeps its adapter
+            merged = self.base_network()
+            lora_ops.add_lora(merged, self.lora)
+            lora_ops.from_peft(merged, adapter)
+            self.export_pipeline(lora_ops.fold(merged), out)
         return out
 
     def noise_layout(self, noise: np.ndarray) -> np.ndarray:
@@ -284,6 +290,10 @@ class PriorStage(Stage):
             attention_mask=enc["text_mask"],
         )
 
+    def base_network(self) -> PriorTransformer:
+        """The pretrained prior, float32, as its folder holds it."""
+        return load_prior(self.folder / "prior")[0]
+
     def export_pipeline(self, model, out: Path) -> Path:
         """KandinskyV22PriorPipeline folder: the trained prior, the rest as given."""
         names = ("text_encoder", "image_encoder", "tokenizer", "scheduler", "image_processor")
@@ -423,6 +433,10 @@ class DecoderStage(Stage):
     def predict(model, x_t, timesteps, enc):
         # channels 4..7 are the learned-variance head, unused in training
         return model(x_t, timesteps, enc["image_embeds"])[..., :4]
+
+    def base_network(self) -> UNet2DConditionModel:
+        """The pretrained UNet, float32, as its folder holds it."""
+        return load_unet(self.folder / "unet")[0]
 
     def export_pipeline(self, model, out: Path) -> Path:
         """KandinskyV22Pipeline folder with a README naming the prior (AutoPipeline needs it)."""

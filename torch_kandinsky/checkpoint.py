@@ -21,6 +21,8 @@ from pathlib import Path
 
 from kandinsky_common import checkpoints as ck
 from kandinsky_common.errors import CheckpointDamaged, UserError
+from kandinsky_common.lora import LoraSettings, write_adapter
+from torch_kandinsky import lora as lora_ops
 
 # accelerate's file names for the first prepared model and optimizer, and registered objects.
 MODEL_FILE = "model.safetensors"
@@ -33,7 +35,18 @@ def _brief(e: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _check_files(path: Path, model, num_custom: int) -> None:
+def _is_adapter_key(key: str) -> bool:
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def _adapter_only(models, weights, output_dir) -> None:
+    """accelerate save-state hook of a LoRA run: the model file holds the adapter, not the
+    frozen base (which the pretrained folder has)."""
+    for i, state in enumerate(weights):
+        weights[i] = {k: v for k, v in state.items() if _is_adapter_key(k)}
+
+
+def _check_files(path: Path, model, num_custom: int, adapter_only: bool = False) -> None:
     """Cheap structural checks that name the damaged file (accelerate's own errors do not)."""
     needed = [MODEL_FILE, OPTIMIZER_FILE] + [CUSTOM_FILE.format(i) for i in range(num_custom)]
     for name in needed:
@@ -52,14 +65,18 @@ def _check_files(path: Path, model, num_custom: int) -> None:
         except (zipfile.BadZipFile, OSError) as e:
             raise CheckpointDamaged(path, f"{name} is truncated or corrupt: {_brief(e)}") from e
     wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if adapter_only:
+        wanted = {k: v for k, v in wanted.items() if _is_adapter_key(k)}
     common = wanted.keys() & saved.keys()
     wrong = [k for k in sorted(common) if wanted[k] != saved[k]]
-    if not common or wrong:
-        detail = (
-            f"{wrong[0]} has shape {saved[wrong[0]]} there, {wanted[wrong[0]]} here"
-            if wrong
-            else "no parameter names in common"
-        )
+    missing = sorted(wanted.keys() - saved.keys()) if adapter_only else []
+    if not common or wrong or missing:
+        if wrong:
+            detail = f"{wrong[0]} has shape {saved[wrong[0]]} there, {wanted[wrong[0]]} here"
+        elif missing:
+            detail = f"it has no {missing[0]}: not a LoRA checkpoint of these targets"
+        else:
+            detail = "no parameter names in common"
         raise UserError(
             f"checkpoint {path} does not fit this run's model ({detail}): resume with the model "
             "folder and flags it was written with, or use another --output_dir"
@@ -77,13 +94,25 @@ class CheckpointStore:
         output_dir: the run's output folder (checkpoint-N folders inside).
         max_to_keep: --checkpoints_total_limit (None keeps all).
         model_subfolder: where the trained network's diffusers folder goes ("prior" or "unet").
+        lora: a LoRA run's adapter settings: checkpoints then hold the adapter (accelerate's
+            model file, and the adapter file as the export writes it), not the frozen base.
     """
 
-    def __init__(self, accelerator, output_dir, max_to_keep: int | None, model_subfolder: str):
+    def __init__(
+        self,
+        accelerator,
+        output_dir,
+        max_to_keep: int | None,
+        model_subfolder: str,
+        lora: LoraSettings | None = None,
+    ):
         self.accelerator = accelerator
         self.output_dir = Path(output_dir)
         self.max_to_keep = max_to_keep
         self.model_subfolder = model_subfolder
+        self.lora = lora
+        if lora is not None:
+            accelerator.register_save_state_pre_hook(_adapter_only)
 
     def path(self, step: int) -> Path:
         return ck.checkpoint_dir(self.output_dir, step)
@@ -103,7 +132,9 @@ class CheckpointStore:
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp), safe_serialization=True)
-            if acc.is_main_process:
+            if acc.is_main_process and self.lora is not None:
+                write_adapter(tmp, lora_ops.to_peft(acc.unwrap_model(model)), self.lora)
+            elif acc.is_main_process:
                 acc.unwrap_model(model).save_pretrained(tmp / self.model_subfolder)
                 if ema is not None:  # as the reference: <model>_ema/, loadable by from_pretrained
                     ema.save_pretrained(str(tmp / f"{self.model_subfolder}_ema"))
@@ -133,9 +164,11 @@ class CheckpointStore:
                 path,
                 self.accelerator.unwrap_model(model),
                 len(self.accelerator._custom_objects),
+                adapter_only=self.lora is not None,
             )
         try:
-            self.accelerator.load_state(str(path))
+            # A LoRA checkpoint holds the adapter only; _check_files made sure it holds all of it.
+            self.accelerator.load_state(str(path), strict=self.lora is None)
         except MemoryError:
             raise  # not the checkpoint's fault
         except Exception as e:

@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from kandinsky_common.checkpoints import read_state
 from kandinsky_common.errors import CheckpointDamaged, UserError
 from kandinsky_common.flags import config_from_record
+from kandinsky_common.lora import read_adapter
+from torch_kandinsky import lora as lora_ops
 from torch_kandinsky.stages import make_stage
 
 
@@ -25,6 +27,10 @@ def export_checkpoint(checkpoint, output_dir, use_ema: bool = True) -> Path:
         raise UserError(f"--output {out} is not empty; pass a new folder")
     cfg = config_from_record(meta["config"])
     stage = make_stage(cfg, meta["stage"], torch.device("cpu"), torch.float32)
+    if stage.lora is not None:  # the checkpoint holds the adapter as the export writes it
+        tensors, _ = read_adapter(checkpoint, stage.lora.prefix)
+        lora_ops.from_peft(stage.model, tensors)
+        return stage.export(stage.model, out)
     sub = stage.spec.model_subfolder
     model = type(stage.model).from_pretrained(checkpoint / sub)
     ema = checkpoint / f"{sub}_ema"

@@ -31,8 +31,10 @@ from transformers import (
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
 from kandinsky_common.folders import check_pipeline_folder, read_config, write_decoder_readme
+from kandinsky_common.lora import LoraSettings, write_adapter
 from kandinsky_common.schedule import NoiseSchedule
 from kandinsky_common.stage_spec import DECODER, PRIOR, StageSpec
+from torch_kandinsky import lora as lora_ops
 from torch_kandinsky.sampling import image_processor
 
 
@@ -82,7 +84,9 @@ class Stage:
 
     Subclasses set `folder` (the stage's pipeline folder), `prior_folder` (the prior pipeline
     folder, whose image encoder and image processor both stages use), `weight_dtype` (of the
-    frozen parts) and one attribute per name in `frozen_parts`.
+    frozen parts) and one attribute per name in `frozen_parts`. A LoRA script's stage has `lora`
+    (adapters on the model's attention projections, the only trained weights; `merge_lora`: the
+    export also writes the merged pipeline folder).
     """
 
     spec: StageSpec
@@ -90,6 +94,21 @@ class Stage:
     schedule: NoiseSchedule
     # the pipeline components taken over from the pretrained folders, never trained
     frozen_parts: tuple[str, ...]
+    lora: LoraSettings | None = None
+    merge_lora: bool = False
+
+    def _with_lora(self, cfg: TrainConfig) -> Stage:
+        """Add the adapter a LoRA script's flags ask for (drawn from --seed, 0 when unset); the
+        base is frozen in the --mixed_precision dtype, as the reference LoRA scripts do."""
+        self.lora = LoraSettings.from_config(cfg, self.spec)
+        if self.lora is not None:
+            self.merge_lora = cfg.merge_lora
+            lora_ops.add_lora(self.model, self.lora, cfg.seed or 0, base_dtype=self.weight_dtype)
+        return self
+
+    def base_network(self) -> torch.nn.Module:
+        """The pretrained network, float32 on the CPU, as its folder holds it."""
+        return _load(type(self.model), self.folder, self.spec.model_subfolder)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -119,8 +138,22 @@ class Stage:
         return parts
 
     def export(self, model: torch.nn.Module, output_dir: str | Path) -> Path:
-        """The stage's diffusers pipeline folder with `model` as its trained network."""
+        """The trained network as users load it: the pipeline folder of a full fine-tune; the
+        adapter file of a LoRA run (and, with `merge_lora`, the folder of the merged network,
+        folded into the float32 base: an export is float32 whatever the training precision)."""
         out = Path(output_dir)
+        if self.lora is None:
+            return self.export_pipeline(model, out)
+        adapter = lora_ops.to_peft(model)
+        write_adapter(out, adapter, self.lora)
+        if self.merge_lora:
+            merged = lora_ops.add_lora(self.base_network(), self.lora)
+            lora_ops.from_peft(merged, adapter)
+            self.export_pipeline(lora_ops.fold(merged), out)
+        return out
+
+    def export_pipeline(self, model: torch.nn.Module, out: Path) -> Path:
+        """The stage's diffusers pipeline folder with `model` as its trained network."""
         self.pipeline(model, self.float32_parts()).save_pretrained(out)
         return out
 
@@ -137,7 +170,8 @@ class PriorStage(Stage):
         decoder = None
         if cfg.validation_prompts:
             decoder = _decoder_folder(cfg.pretrained_decoder_model_name_or_path)
-        return cls(cfg.pretrained_prior_model_name_or_path, device, weight_dtype, decoder)
+        stage = cls(cfg.pretrained_prior_model_name_or_path, device, weight_dtype, decoder)
+        return stage._with_lora(cfg)
 
     def __init__(self, prior_dir: str, device, weight_dtype=torch.float32, decoder_dir=None):
         folder = _prior_folder(prior_dir)
@@ -222,13 +256,14 @@ class DecoderStage(Stage):
     @classmethod
     def from_config(cls, cfg: TrainConfig, device, weight_dtype) -> DecoderStage:
         """The stage a training run's flags describe."""
-        return cls(
+        stage = cls(
             cfg.pretrained_decoder_model_name_or_path,
             cfg.pretrained_prior_model_name_or_path,
             device,
             weight_dtype,
             prediction_type=cfg.prediction_type,
         )
+        return stage._with_lora(cfg)
 
     def __init__(
         self,
@@ -289,10 +324,10 @@ class DecoderStage(Stage):
         )
         return prior, self.pipeline(model)
 
-    def export(self, model: torch.nn.Module, output_dir: str | Path) -> Path:
+    def export_pipeline(self, model: torch.nn.Module, out: Path) -> Path:
         """KandinskyV22Pipeline folder with a README.md naming the prior, so
         AutoPipelineForText2Image builds the combined pipeline."""
-        out = super().export(model, output_dir)
+        super().export_pipeline(model, out)
         prior = str(self.prior_folder.resolve())
         write_decoder_readme(out, prior=prior, base_model=str(self.folder))
         return out

@@ -156,7 +156,7 @@ def set_up(cfg: TrainConfig, stage_name: str, accelerator: Accelerator) -> Run:
         accelerator.register_for_checkpointing(ema)
     out = Path(cfg.output_dir)
     store = CheckpointStore(
-        accelerator, out, cfg.checkpoints_total_limit, stage.spec.model_subfolder
+        accelerator, out, cfg.checkpoints_total_limit, stage.spec.model_subfolder, stage.lora
     )
     run = Run(cfg, stage, plan, accelerator, model, optimizer, lr_scheduler, ema, store)
     resumed = None
