@@ -17,7 +17,8 @@ from flax import nnx
 
 from flax_kandinsky.models.layers import Linear
 from kandinsky_common.errors import UserError
-from kandinsky_common.lora import LoraSettings, module_keys
+from kandinsky_common.lora import LoraSettings, module_keys, read_adapter, settings_of_file
+from kandinsky_common.stage_spec import StageSpec
 
 
 class LoRA(nnx.Module):
@@ -137,6 +138,15 @@ def merged_params(model: nnx.Module, adapter: dict | None = None) -> dict:
         adapter = nnx.to_pure_dict(lora_state)
     scales = {name: m.lora.scale for name, m in adapted(model).items()}
     return _merge_into(nnx.to_pure_dict(base_state), adapter, lambda path: scales[_dotted(path)])
+
+
+def merged_from_file(model: nnx.Module, folder, spec: StageSpec) -> dict:
+    """The params of `model` (a stage's pretrained network) with the adapter file in `folder`
+    (a LoRA run's output_dir) folded in: what a sampler takes to draw with the adapter."""
+    tensors, config = read_adapter(folder, spec.model_subfolder)
+    add_lora(model, settings_of_file(config, spec.model_subfolder, spec))
+    from_peft(model, tensors)
+    return merged_params(model)
 
 
 def fold(model: nnx.Module) -> nnx.Module:

@@ -32,7 +32,7 @@ from flax_kandinsky.models.unet import UNet2DConditionModel, load_unet, save_une
 from flax_kandinsky.pretrained import build_abstract
 from kandinsky_common.flags import TrainConfig
 from kandinsky_common.folders import check_pipeline_folder, read_config, write_decoder_readme
-from kandinsky_common.lora import LoraSettings, write_adapter
+from kandinsky_common.lora import LoraSettings, initial_adapter, write_adapter
 from kandinsky_common.schedule import NoiseSchedule
 from kandinsky_common.stage_spec import DECODER, PRIOR, StageSpec
 
@@ -88,8 +88,9 @@ class Stage:
         folder: the stage's own pipeline folder; prior_folder: the prior pipeline folder (whose
             image encoder and image processor both stages use). None when built from configs.
         attention: the attention kernel of every part ("dot" or "chunked").
-        lora: adapters on the model's attention projections (then only they train, drawn from
-            `lora_seed`; `merge_lora`: the export also writes the merged pipeline folder).
+        lora: adapters on the model's attention projections (then only they train, drawn by
+            `initial_adapter` from `lora_seed`; `merge_lora`: the export also writes the merged
+            pipeline folder).
     """
 
     spec: StageSpec
@@ -116,7 +117,9 @@ class Stage:
         self.folder, self.prior_folder, self.tokenizer = folder, prior_folder, tokenizer
         self.lora, self.merge_lora = lora, merge_lora
         if lora is not None:
-            lora_ops.add_lora(self.model, lora, lora_seed)
+            lora_ops.add_lora(self.model, lora)
+            shapes = {k: v.shape for k, v in lora_ops.to_peft(self.model).items()}
+            lora_ops.from_peft(self.model, initial_adapter(shapes, lora_seed))
         set_attention(attention, self.model, *self.frozen.values())
 
     @property

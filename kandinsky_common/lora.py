@@ -74,6 +74,21 @@ def module_keys(module: str) -> tuple[str, str]:
     return module + A_SUFFIX, module + B_SUFFIX
 
 
+def initial_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """A fresh adapter for modules of these file-layout shapes: A ~ N(0, 1/r) and B = 0 (PEFT's
+    "gaussian" init, as diffusers' LoRA scripts), drawn from one numpy stream in key order, so
+    that both backends start a run of the same --seed from the same adapter."""
+    rng = np.random.default_rng([seed, 0x10A])
+    out = {}
+    for key in sorted(shapes):
+        shape = tuple(shapes[key])
+        if key.endswith(A_SUFFIX):  # (rank, in)
+            out[key] = (rng.standard_normal(shape) / shape[0]).astype(np.float32)
+        else:
+            out[key] = np.zeros(shape, np.float32)
+    return out
+
+
 def write_adapter(folder: str | os.PathLike, tensors: dict[str, np.ndarray], lora: LoraSettings):
     """Write `tensors` (unprefixed PEFT keys -> float32 arrays) as the adapter file of `folder`."""
     folder = Path(folder)
@@ -117,6 +132,7 @@ def settings_of_file(config: dict, prefix: str, spec: StageSpec) -> LoraSettings
     """The LoraSettings an adapter file was written with (its metadata)."""
     if "r" not in config:
         raise UserError(f"the adapter file has no LoRA config in its metadata ({METADATA_KEY})")
+    targets = config.get("target_modules") or spec.lora_targets
     return LoraSettings(
-        int(config["r"]), float(config.get("lora_alpha", config["r"])), spec.lora_targets, prefix
+        int(config["r"]), float(config.get("lora_alpha", config["r"])), tuple(targets), prefix
     )

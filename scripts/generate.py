@@ -64,6 +64,11 @@ def torch_images(a) -> list:
         from torch_kandinsky.sampling import Sampler
 
     sampler = Sampler.from_folders(prior, decoder)
+    # what a diffusers user types to load a LoRA run's adapter
+    if a.prior_lora is not None:
+        sampler.prior.prior.load_lora_adapter(a.prior_lora, prefix="prior", use_safetensors=True)
+    if a.decoder_lora is not None:
+        sampler.decoder.unet.load_lora_adapter(a.decoder_lora, prefix="unet", use_safetensors=True)
     return sampler.generate(
         a.prompt, height=a.size, width=a.size, decoder_steps=a.steps, seed=a.seed
     )
@@ -83,7 +88,13 @@ def flax_images(a) -> list:
         from flax_kandinsky.stages import STAGES
 
         stage, params = checkpoint_params(a.checkpoint)
+        if getattr(a, f"{stage}_lora") is not None:
+            raise UserError(
+                f"--checkpoint and --{stage}_lora both replace the {stage}; pass one of them"
+            )
         trained = {STAGES[stage].params_key: params}
+    if a.prior_lora is not None or a.decoder_lora is not None:
+        trained.update(flax_lora_params(a, prior, decoder))
     sampler = Sampler.from_folders(prior, decoder, attention=a.attention, **trained)
     try:
         return sampler.generate(
@@ -103,6 +114,31 @@ def flax_images(a) -> list:
         ) from None
 
 
+def flax_lora_params(a, prior: Path, decoder: Path) -> dict:
+    """The Sampler keywords of --prior_lora/--decoder_lora: each network with its adapter folded
+    in."""
+    from flax_kandinsky.lora import merged_from_file
+    from flax_kandinsky.models.prior import load_prior
+    from flax_kandinsky.models.unet import load_unet
+    from flax_kandinsky.stages import DecoderStage, PriorStage
+
+    out = {}
+    if a.prior_lora is not None:
+        base = load_prior(prior / "prior")[0]
+        out[PriorStage.params_key] = merged_from_file(base, a.prior_lora, PriorStage.spec)
+    if a.decoder_lora is not None:
+        base = load_unet(decoder / "unet")[0]
+        out[DecoderStage.params_key] = merged_from_file(base, a.decoder_lora, DecoderStage.spec)
+    return out
+
+
+def check_lora(a) -> None:
+    for flag in ("prior_lora", "decoder_lora"):
+        folder = getattr(a, flag)
+        if folder is not None and not Path(folder).is_dir():
+            raise UserError(f"--{flag} {folder} is not a folder; pass a LoRA run's output_dir")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
@@ -118,6 +154,15 @@ def main(argv=None):
         help="flax training checkpoint (checkpoint-N) whose network (EMA weights if kept) "
         "replaces the prior or the UNet of --prior/--decoder; flax backend only (export a torch "
         "checkpoint with scripts/export_checkpoint.py and pass the folder instead)",
+    )
+    p.add_argument(
+        "--prior_lora",
+        help="a LoRA run's output_dir: its adapter (pytorch_lora_weights.safetensors) is added to "
+        "the prior of --prior",
+    )
+    p.add_argument(
+        "--decoder_lora",
+        help="a LoRA run's output_dir: its adapter is added to the UNet of --decoder",
     )
     p.add_argument("--prompt", nargs="+", required=True, help="one image per prompt")
     p.add_argument("--out", required=True, help="output folder for PNGs (and grid.png)")
@@ -137,6 +182,7 @@ def main(argv=None):
         raise UserError(f"--size {a.size} and --steps {a.steps} must be positive")
     if a.checkpoint is not None:
         check_checkpoint(a)
+    check_lora(a)
     if a.backend == "torch":
         images = torch_images(a)
     else:

@@ -13,23 +13,24 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from kandinsky_common.errors import UserError
-from kandinsky_common.lora import LoraSettings
+from kandinsky_common.lora import LoraSettings, initial_adapter
 
 
 def add_lora(model: torch.nn.Module, lora: LoraSettings, seed: int = 0, base_dtype=None):
-    """Freeze `model` (cast to `base_dtype` when given), add the adapter (drawn from `seed`, the
-    global RNG left as it was) in float32; only the adapter requires grad afterwards."""
+    """Freeze `model` (cast to `base_dtype` when given) and add the adapter in float32, drawn by
+    `initial_adapter` from `seed` (as the flax backend draws it); only the adapter requires grad
+    afterwards."""
     model.requires_grad_(False)
     for p in model.parameters():
         if base_dtype is not None and p.dtype != base_dtype:
             # per tensor: ModelMixin.to() warns about float32 modules the K2.2 networks lack
             p.data = p.data.to(base_dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model.add_adapter(LoraConfig(**lora.peft_config()))
+    model.add_adapter(LoraConfig(**lora.peft_config()))
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    from_peft(model, initial_adapter(shapes, seed))
     return model
 
 
