@@ -77,15 +77,24 @@ def adapted(model: nnx.Module) -> dict[str, Linear]:
     }
 
 
-def to_peft(model: nnx.Module) -> dict[str, np.ndarray]:
-    """The adapter of `model` in PEFT layout: `<module>.lora_A.weight` (rank, in) and
-    `<module>.lora_B.weight` (out, rank), float32 numpy."""
+def peft_layout(adapter: dict, path: tuple = ()) -> dict[str, np.ndarray]:
+    """A pure dict of adapter values (the LoRAParam state, or its gradient) in the file's PEFT
+    layout: `<module>.lora_A.weight` (rank, in) and `<module>.lora_B.weight` (out, rank), float32
+    numpy."""
     out = {}
-    for name, m in adapted(model).items():
-        key_a, key_b = module_keys(name)
-        out[key_a] = np.asarray(m.lora.lora_a[...], np.float32).T
-        out[key_b] = np.asarray(m.lora.lora_b[...], np.float32).T
+    for key, sub in adapter.items():
+        if key == "lora":
+            key_a, key_b = module_keys(_dotted(path))
+            out[key_a] = np.asarray(sub["lora_a"], np.float32).T
+            out[key_b] = np.asarray(sub["lora_b"], np.float32).T
+        else:
+            out.update(peft_layout(sub, (*path, key)))
     return out
+
+
+def to_peft(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The adapter of `model` in the file's PEFT layout."""
+    return peft_layout(nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam)))
 
 
 def from_peft(model: nnx.Module, tensors: dict[str, np.ndarray]) -> None:
@@ -112,7 +121,7 @@ def from_peft(model: nnx.Module, tensors: dict[str, np.ndarray]) -> None:
                 f"adapter key {key} has shape {value.shape}, this network needs {tuple(shape)} "
                 "(another --rank or model size?)"
             )
-        param.value = jnp.asarray(value.T, param.value.dtype)
+        param[...] = jnp.asarray(value.T, param.dtype)
 
 
 def _merge_into(base, adapter, scale_of, path=()):

@@ -98,13 +98,17 @@ class Stage:
     merge_lora: bool = False
 
     def _with_lora(self, cfg: TrainConfig) -> Stage:
-        """Add the adapter a LoRA script's flags ask for (drawn from --seed, 0 when unset); the
-        base is frozen in the --mixed_precision dtype, as the reference LoRA scripts do."""
-        self.lora = LoraSettings.from_config(cfg, self.spec)
-        if self.lora is not None:
-            self.merge_lora = cfg.merge_lora
-            lora_ops.add_lora(self.model, self.lora, cfg.seed or 0, base_dtype=self.weight_dtype)
+        """Add the adapter a LoRA script's flags ask for (drawn from --seed, 0 when unset)."""
+        lora = LoraSettings.from_config(cfg, self.spec)
+        if lora is not None:
+            self.use_lora(lora, cfg.seed or 0, cfg.merge_lora)
         return self
+
+    def use_lora(self, lora: LoraSettings, seed: int = 0, merge: bool = False) -> None:
+        """Train an adapter on the model's attention projections instead of the model; the base
+        is frozen in the --mixed_precision dtype, as the reference LoRA scripts do."""
+        self.lora, self.merge_lora = lora, merge
+        lora_ops.add_lora(self.model, lora, seed, base_dtype=self.weight_dtype)
 
     def base_network(self) -> torch.nn.Module:
         """The pretrained network, float32 on the CPU, as its folder holds it."""

@@ -1,0 +1,186 @@
+"""LoRA parity: the two backends' adapters give the same losses and gradients (prior and decoder,
+plain and Min-SNR), follow the same 20-update trajectory through their real loops, and an
+adapter file loaded into diffusers' pipelines samples what our JAX pipelines sample with it."""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from flax_kandinsky import lora as flora
+from flax_kandinsky import stages as fstages
+from flax_kandinsky.models.prior import load_prior
+from flax_kandinsky.models.unet import load_unet
+from flax_kandinsky.training.step import split_stage, stage_loss
+from kandinsky_common import noise as noise_stream
+from kandinsky_common.flags import parse_config
+from kandinsky_common.lora import LoraSettings, read_adapter, write_adapter
+from kandinsky_common.stage_spec import SPECS
+from parity_tests.conftest import max_rel, rel_l2
+from parity_tests.test_sampling_parity import (
+    load_decoder_pair,
+    load_prior_pair,
+    run_decoder,
+    run_prior,
+)
+from parity_tests.test_train_parity import _batch
+from tests.helpers import train_args
+from torch_kandinsky import lora as tlora
+from torch_kandinsky import stages as tstages
+from torch_kandinsky.training.step import stage_loss as torch_stage_loss
+
+
+def _settings(name: str, alpha: float = 8.0) -> LoraSettings:
+    spec = SPECS[name]
+    return LoraSettings(4, alpha, spec.lora_targets, spec.model_subfolder)
+
+
+def _random_adapter(shapes: dict, seed: int = 3) -> dict[str, np.ndarray]:
+    """An adapter whose A and B are both non-zero (a fresh one has B = 0: no gradient for A)."""
+    rng = np.random.default_rng(seed)
+    return {k: (0.2 * rng.standard_normal(s)).astype(np.float32) for k, s in sorted(shapes.items())}
+
+
+def _lora_stages(name, folders, lora):
+    prior, decoder = folders
+    if name == "prior":
+        t = tstages.PriorStage(str(prior), torch.device("cpu"))
+        f = fstages.PriorStage.from_folders(prior, lora=lora)
+    else:
+        t = tstages.DecoderStage(str(decoder), str(prior), torch.device("cpu"), torch.float32)
+        f = fstages.DecoderStage.from_folders(decoder, prior, lora=lora)
+    t.use_lora(lora)
+    adapter = _random_adapter({k: v.shape for k, v in tlora.to_peft(t.model).items()})
+    tlora.from_peft(t.model, adapter)
+    flora.from_peft(f.model, adapter)
+    return t, f
+
+
+@pytest.mark.parametrize("name", ["prior", "decoder"])
+@pytest.mark.parametrize("gamma", [None, 5.0])
+def test_lora_loss_and_gradients_match(name, gamma, tiny_folders, sample_dataset, tol):
+    tstage, fstage = _lora_stages(name, tiny_folders, _settings(name))
+    batch = _batch(tstage, sample_dataset, name)
+    noise, t = noise_stream.draw(7, 0, 0, tstage.x0_shape(3, 64), 1000)
+
+    model = tstage.model.train()
+    enc = tstage.encode(tstage.to_device(batch, torch.device("cpu"), torch.float32))
+    loss_t = torch_stage_loss(
+        tstage, model, enc, torch.from_numpy(noise), torch.from_numpy(t), gamma
+    )
+    loss_t.backward()
+    grads_t = {
+        k.replace(".default", ""): p.grad.numpy()
+        for k, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+    graphdefs, params, consts = split_stage(fstage)
+    ac = jnp.asarray(fstage.schedule.alphas_cumprod)
+    jbatch = jax.tree.map(jnp.asarray, batch)
+
+    def loss_fn(p):
+        n = jnp.asarray(fstage.noise_layout(noise))
+        return stage_loss(fstage, graphdefs, p, consts, jbatch, n, jnp.asarray(t), ac, gamma)
+
+    loss_f, grads_f = jax.value_and_grad(loss_fn)(params)
+    assert abs(float(loss_f) - loss_t.item()) / abs(loss_t.item()) <= tol["loss"]
+    grads_f = flora.peft_layout(grads_f)
+    keys = sorted(grads_t)
+    assert keys == sorted(grads_f) and len(keys) == 2 * len(flora.adapted(fstage.model))
+    ref = np.concatenate([grads_t[k].ravel() for k in keys])
+    ours = np.concatenate([grads_f[k].ravel() for k in keys])
+    assert np.linalg.norm(ref) > 0
+    assert rel_l2(ours, ref) <= tol["gradient"], rel_l2(ours, ref)
+    assert max_rel(ours, ref) < 1e-2
+
+
+def _run(backend, stage, tiny_folders, data, out, **flags):
+    prior, decoder = tiny_folders
+    cfg = parse_config(train_args(prior, decoder, data, out, backend=backend, **flags), stage, True)
+    return importlib.import_module(f"{backend}_kandinsky.training.loop").train(cfg, stage)
+
+
+@pytest.mark.parametrize("stage", ["prior", "decoder"])
+def test_lora_twenty_updates_match(stage, tiny_folders, sample_dataset, tmp_path, tol):
+    updates, n = 20, jax.device_count()
+    flags = dict(
+        max_train_steps=updates,
+        gradient_accumulation_steps=2,
+        lr_scheduler="cosine",
+        lr_warmup_steps=5,
+        learning_rate=2e-3,
+        max_grad_norm=0.05,
+        adam_weight_decay=1e-2,
+        rank=4,
+        lora_alpha=8,
+        checkpointing_steps=updates,
+        report_to="none",
+    )
+    t = _run(
+        "torch", stage, tiny_folders, sample_dataset, tmp_path / "t", train_batch_size=8, **flags
+    )
+    f = _run(
+        "flax",
+        stage,
+        tiny_folders,
+        sample_dataset,
+        tmp_path / "f",
+        train_batch_size=8 // n,
+        **flags,
+    )
+    lt, lf = np.asarray(t["losses"]), np.asarray(f["losses"])
+    assert lt.shape == lf.shape == (updates,)
+    worst = float(np.max(np.abs(lf - lt) / np.abs(lt)))
+    assert worst <= tol["trajectory_loss"], worst
+    prefix = SPECS[stage].model_subfolder
+    at, _ = read_adapter(tmp_path / "t", prefix)
+    af, _ = read_adapter(tmp_path / "f", prefix)
+    keys = sorted(at)
+    assert keys == sorted(af)
+    flat = lambda d: np.concatenate([d[k].ravel() for k in keys])  # noqa: E731
+    assert rel_l2(flat(af), flat(at)) <= tol["trajectory_params"]
+    b = [k for k in keys if k.endswith("lora_B.weight")]
+    # B starts at zero: the adapters trained. (Not every one: the tiny prior's one layer reads
+    # the prd token, whose query input is LayerNorm of zeros, so to_q's weights get no gradient.)
+    assert sum(np.abs(at[k]).max() > 0 for k in b) >= len(b) - 1
+
+
+def test_adapter_loaded_by_diffusers_samples_as_ours(tiny_folders, tmp_path, monkeypatch, tol):
+    """An adapter file (as a run writes it) in diffusers' pipelines through `load_lora_adapter`,
+    and in ours folded into the weights: same initial latents and noise, same result, and not
+    the base model's."""
+    prior_dir, decoder_dir = tiny_folders
+    prior_pair, decoder_pair = load_prior_pair(prior_dir), load_decoder_pair(decoder_dir)
+
+    def sample(name):
+        if name == "prior":
+            got, want = run_prior(prior_pair, monkeypatch, 3, 4.0)
+            return np.asarray(got[0]), np.asarray(want[0])
+        got, want = run_decoder(decoder_pair, monkeypatch, 3, 4.0, output_type="latent")
+        return np.asarray(got), np.asarray(want)
+
+    cases = (
+        ("prior", prior_pair, lambda: load_prior(prior_dir / "prior")[0], "prior"),
+        ("decoder", decoder_pair, lambda: load_unet(decoder_dir / "unet")[0], "unet"),
+    )
+    for name, (ours, ref), base_network, attribute in cases:
+        _, base = sample(name)
+        lora = _settings(name, alpha=4.0)
+        net = base_network()
+        flora.add_lora(net, lora)
+        adapter = _random_adapter({k: v.shape for k, v in flora.to_peft(net).items()}, seed=5)
+        folder = tmp_path / name
+        write_adapter(folder, adapter, lora)
+        getattr(ref, attribute).load_lora_adapter(
+            str(folder), prefix=lora.prefix, use_safetensors=True
+        )
+        ours.params = ours.place.params(flora.merged_from_file(base_network(), folder, SPECS[name]))
+        got, want = sample(name)
+        assert max_rel(want, base) > 1e-2, name  # the adapter changes what is drawn
+        assert np.abs(got - want).max() <= tol["sampling"] * max(1.0, np.abs(want).max()), name
