@@ -26,7 +26,7 @@ from kandinsky_common.cache import (
 )
 from kandinsky_common.data import load_train_dataset
 from kandinsky_common.errors import UserError
-from kandinsky_common.flags import TrainConfig
+from kandinsky_common.flags import TrainConfig, script_name
 from kandinsky_common.folders import write_json
 from kandinsky_common.preprocess import (
     BatchBuilder,
@@ -171,6 +171,29 @@ class RunPlan:
         return repr((self.builder.clip, self.builder.resolution, self.builder.image_column))
 
 
+def _check_same_adapter(state: dict, cfg, stage: str, path) -> None:
+    """A LoRA checkpoint resumes in a LoRA run of the same rank and alpha, a full fine-tune's in
+    a full fine-tune: anything else would not fit (or would change the trained function)."""
+    record = state.get("config", {})
+    was, now = record.get("rank"), getattr(cfg, "rank", None)
+    if was is None and now is None:
+        return
+    if was is None:
+        raise UserError(
+            f"{path} is a full fine-tune's checkpoint; resume it with {script_name(stage)}, or "
+            "start the LoRA run in another --output_dir"
+        )
+    if now is None:
+        raise UserError(
+            f"{path} is a LoRA run's checkpoint (rank {was}); resume it with "
+            f"{script_name(stage, lora=True)}, or use another --output_dir"
+        )
+    if was != now or record.get("lora_alpha") != cfg.lora_alpha:
+        alpha = record.get("lora_alpha")
+        flags = f"--rank {was}" + ("" if alpha is None else f" --lora_alpha {alpha:g}")
+        raise UserError(f"{path} was trained with {flags}; resume with the same flags")
+
+
 # What a resume of a finished run prints (both backends).
 NOTHING_LEFT = (
     "checkpoint-{step} already holds all {step} updates of this run: nothing to train; writing "
@@ -255,6 +278,7 @@ def plan_run(
         resumed_state = ck.read_state(resume)
     if resumed_state:
         ck.check_compatible(resumed_state, stage=spec.name, backend=backend, path=resume)
+        _check_same_adapter(resumed_state, cfg, spec.name, resume)
         if resumed_state.get("use_ema", cfg.use_ema) != cfg.use_ema:
             raise UserError(
                 f"{resume} was saved with use_ema={not cfg.use_ema}; pass the same --use_ema"

@@ -132,10 +132,11 @@ class CheckpointStore:
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp), safe_serialization=True)
-            if acc.is_main_process and self.lora is not None:
-                write_adapter(tmp, lora_ops.to_peft(acc.unwrap_model(model)), self.lora)
-            elif acc.is_main_process:
-                acc.unwrap_model(model).save_pretrained(tmp / self.model_subfolder)
+            if acc.is_main_process:
+                if self.lora is not None:  # the adapter, as the export writes it
+                    write_adapter(tmp, lora_ops.to_peft(acc.unwrap_model(model)), self.lora)
+                else:
+                    acc.unwrap_model(model).save_pretrained(tmp / self.model_subfolder)
                 if ema is not None:  # as the reference: <model>_ema/, loadable by from_pretrained
                     ema.save_pretrained(str(tmp / f"{self.model_subfolder}_ema"))
                 ck.write_state(tmp, meta)
