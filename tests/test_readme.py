@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from kandinsky_common.flags import TrainConfig
+from kandinsky_common.flags import LoraTrainConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -14,7 +14,8 @@ README = (ROOT / "README.md").read_text()
 
 def test_every_flag_is_in_the_flag_table():
     flags = (ROOT / "docs" / "flags.md").read_text()
-    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`--{f.name}`" not in flags]
+    names = {f.name for c in (TrainConfig, LoraTrainConfig) for f in dataclasses.fields(c)}
+    missing = [n for n in sorted(names) if f"`--{n}`" not in flags]
     assert not missing
 
 

@@ -146,3 +146,26 @@ def test_usage_export_and_generate_commands_as_printed(
         proc = _run(words, home)
         out = words[words.index("--out") + 1]
         assert list((home / out).glob("*.png")), proc.stdout
+
+
+def test_lora_commands_and_snippet_as_printed(tmp_path, tiny_folders, sample_dataset):
+    """The LoRA section: both training commands as printed (each names its backend), then its
+    diffusers snippet, from the user's folder."""
+    home = _readme_folders(_clean_copy(tmp_path / "kandinsky"), tiny_folders, sample_dataset)
+    train = _commands("## LoRA", "python scripts/train_text_to_image_lora_")
+    assert [w[1] for w in train] == [
+        "scripts/train_text_to_image_lora_decoder.py",
+        "scripts/train_text_to_image_lora_prior.py",
+    ]
+    assert {w[w.index("--backend") + 1] for w in train} == {"flax", "torch"}
+    small = [*SMALL, "--num_validation_images", "1"]
+    for words in train:
+        _run([*words, *small], home)
+        out = next(w.split("=", 1)[1] for w in words if w.startswith("--output_dir="))
+        assert (home / out / "pytorch_lora_weights.safetensors").is_file()
+        assert list((home / out / "validation").glob("*.png"))
+    section = README.split("\n## LoRA\n", 1)[1].split("\n## ", 1)[0]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    program = "from diffusers import AutoPipelineForText2Image\n" + snippet
+    program += "assert pipe.unet.peft_config and pipe.prior_prior.peft_config\n"
+    _run(["python", "-c", program], home)
