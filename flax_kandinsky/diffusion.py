@@ -51,10 +51,19 @@ def min_snr_weights(snr, gamma: float, prediction_type: str):
     return w  # "sample": min(SNR, gamma), as the prior script
 
 
-def diffusion_loss(pred, target, timesteps, alphas_cumprod, prediction_type, snr_gamma=None):
-    """MSE in fp32, optionally Min-SNR weighted per sample (mean over non-batch dims first)."""
+def diffusion_loss(
+    pred, target, timesteps, alphas_cumprod, prediction_type, snr_gamma=None, weights=None
+):
+    """MSE in fp32, optionally Min-SNR weighted per sample (mean over non-batch dims first) and
+    times per-sample `weights` (DreamBooth's instance and class halves)."""
     err = (pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2
-    if snr_gamma is None:
+    if snr_gamma is None and weights is None:
         return jnp.mean(err)
-    w = min_snr_weights(compute_snr(alphas_cumprod, timesteps), snr_gamma, prediction_type)
-    return jnp.mean(jnp.mean(err, axis=tuple(range(1, err.ndim))) * w)
+    per = jnp.mean(err, axis=tuple(range(1, err.ndim)))
+    if snr_gamma is not None:
+        per = per * min_snr_weights(
+            compute_snr(alphas_cumprod, timesteps), snr_gamma, prediction_type
+        )
+    if weights is not None:
+        per = per * weights.astype(jnp.float32)
+    return jnp.mean(per)

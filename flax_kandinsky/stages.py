@@ -222,7 +222,14 @@ class PriorStage(Stage):
 
     @classmethod
     def from_configs(
-        cls, configs: dict, *, dtype=None, frozen_dtype=jnp.float32, remat=False, attention="dot"
+        cls,
+        configs: dict,
+        *,
+        dtype=None,
+        frozen_dtype=jnp.float32,
+        remat=False,
+        attention="dot",
+        **lora_kw,
     ) -> PriorStage:
         """Shapes and dtypes only, no weights (nnx.eval_shape): what the TPU plan compiles."""
         kw = dict(dtype=dtype, param_dtype=frozen_dtype)
@@ -236,11 +243,16 @@ class PriorStage(Stage):
         }
         model = build_abstract(
             lambda r: PriorTransformer(
-                configs["prior"], gradient_checkpointing=remat, dtype=dtype, rngs=r
+                configs["prior"],
+                gradient_checkpointing=remat,
+                dtype=dtype,
+                param_dtype=_base_dtype(frozen_dtype, lora_kw),
+                rngs=r,
             )
         )
+        schedule = NoiseSchedule.prior()
         return cls(
-            model, configs["prior"], frozen, configs, NoiseSchedule.prior(), attention=attention
+            model, configs["prior"], frozen, configs, schedule, attention=attention, **lora_kw
         )
 
     def x0_shape(self, batch_size: int, resolution: int) -> tuple[int, ...]:
@@ -367,7 +379,14 @@ class DecoderStage(Stage):
 
     @classmethod
     def from_configs(
-        cls, configs: dict, *, dtype=None, frozen_dtype=jnp.float32, remat=False, attention="dot"
+        cls,
+        configs: dict,
+        *,
+        dtype=None,
+        frozen_dtype=jnp.float32,
+        remat=False,
+        attention="dot",
+        **lora_kw,
     ) -> DecoderStage:
         """Shapes and dtypes only, no weights (nnx.eval_shape): what the TPU plan compiles."""
         kw = dict(dtype=dtype, param_dtype=frozen_dtype)
@@ -379,11 +398,17 @@ class DecoderStage(Stage):
         }
         model = build_abstract(
             lambda r: UNet2DConditionModel(
-                configs["unet"], dtype=dtype, gradient_checkpointing=remat, rngs=r
+                configs["unet"],
+                dtype=dtype,
+                param_dtype=_base_dtype(frozen_dtype, lora_kw),
+                gradient_checkpointing=remat,
+                rngs=r,
             )
         )
         schedule = NoiseSchedule.for_training(configs["decoder_scheduler"])
-        return cls(model, configs["unet"], frozen, configs, schedule, attention=attention)
+        return cls(
+            model, configs["unet"], frozen, configs, schedule, attention=attention, **lora_kw
+        )
 
     def x0_shape(self, batch_size: int, resolution: int) -> tuple[int, ...]:
         movq = self.configs["movq"]

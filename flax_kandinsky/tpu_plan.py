@@ -32,6 +32,7 @@ from flax_kandinsky.training.optim import make_optimizer
 from flax_kandinsky.training.step import abstract_inputs, init_state, make_train_step, split_stage
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
+from kandinsky_common.lora import LoraSettings
 from kandinsky_common.model_configs import get_configs
 
 GIB = 2**30
@@ -61,6 +62,7 @@ class PlanSpec:
     attention: str = "dot"  # or "chunked", as training's --attention
     use_ema: bool = True
     size: str = "real"  # model_configs size; "tiny" keeps tests fast
+    lora_rank: int = 0  # > 0: a LoRA run of this rank (alpha = rank; the base frozen, no EMA)
 
 
 def tpu_devices(slice_name: str) -> list:
@@ -104,12 +106,18 @@ def abstract_stage(spec: PlanSpec) -> Stage:
     if spec.feeding not in FEEDINGS:
         raise UserError(f"feeding {spec.feeding!r}: one of {FEEDINGS}")
     dtype = DTYPES[spec.precision]
-    return STAGES[spec.stage].from_configs(
+    cls = STAGES[spec.stage]
+    lora = {}
+    if spec.lora_rank:
+        targets, prefix = cls.spec.lora_targets, cls.spec.model_subfolder
+        lora["lora"] = LoraSettings(spec.lora_rank, float(spec.lora_rank), targets, prefix)
+    return cls.from_configs(
         get_configs(spec.size),
         dtype=dtype,
         frozen_dtype=jnp.float32 if dtype is None else dtype,
         remat=spec.remat,
         attention=spec.attention,
+        **lora,
     )
 
 

@@ -221,8 +221,9 @@ def table(plans: list[dict]) -> str:
         s, r = p["spec"], p["result"]
         mesh = "x".join(str(v) for v in r.get("mesh", {}).values())
         enc = "in step" if s["feeding"] == "step" else "cache"
+        stage = s["stage"] + (f" LoRA r{s['lora_rank']}" if s.get("lora_rank") else "")
         if "bytes" not in r:
-            rows.append(f"| {s['stage']} | {s['slice']} | {enc} | {s['batch_per_core']} | "
+            rows.append(f"| {stage} | {s['slice']} | {enc} | {s['batch_per_core']} | "
                         "out of memory | | | | |")  # fmt: skip
             continue
         best = p.get("max_batch_per_core")
@@ -233,7 +234,7 @@ def table(plans: list[dict]) -> str:
         if at is not None and "mfu" in at:
             best_s += f" ({at['mfu']:.0%})"
         rows.append(
-            f"| {s['stage']} | {s['slice']} ({mesh}) | {enc} | {s['batch_per_core']} | "
+            f"| {stage} | {s['slice']} ({mesh}) | {enc} | {s['batch_per_core']} | "
             f"{r['bytes']['total'] / GIB:.2f} GiB ({r['hbm_fraction']:.0%}) | "
             f"{_num(r['model_flops'] / 1e12)} / {_num(r['hlo_flops'] / 1e12)} | "
             f"{r['est_seconds'] * 1e3:.0f} ms | {r['mfu']:.0%} ({r['mfu_no_overlap']:.0%}) | "
@@ -243,17 +244,22 @@ def table(plans: list[dict]) -> str:
 
 
 def write_results(plans: list[dict], out_dir: str | os.PathLike) -> str:
-    """<out_dir>/<slice>.json per slice planned here, and <out_dir>/table.md over every slice's
-    JSON in out_dir (plans of other slices from earlier runs included); returns this run's table."""
+    """<out_dir>/<slice>.json per slice planned here (<slice>-lora.json for LoRA rows), and
+    <out_dir>/table.md over every JSON in out_dir (plans of other slices from earlier runs
+    included); returns this run's table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in dict.fromkeys(p["spec"]["slice"] for p in plans):
-        mine = [p for p in plans if p["spec"]["slice"] == name]
+
+    def file_of(p: dict) -> str:  # LoRA rows apart, so that either kind is planned alone
+        return p["spec"]["slice"] + ("-lora" if p["spec"].get("lora_rank") else "")
+
+    for name in dict.fromkeys(map(file_of, plans)):
+        mine = [p for p in plans if file_of(p) == name]
         (out / f"{name}.json").write_text(json.dumps({"plans": mine}, indent=1) + "\n")
 
-    def cores(f: Path):  # v3-8 before v3-32
-        size = re.search(r"-(\d+)$", f.stem)
-        return (int(size.group(1)) if size else 0, f.stem)
+    def cores(f: Path):  # v3-8 before v3-32, full fine-tunes before LoRA
+        size = re.search(r"v\d-(\d+)", f.stem)
+        return (f.stem.endswith("-lora"), int(size.group(1)) if size else 0, f.stem)
 
     files = sorted(out.glob("*.json"), key=cores)
     every = [p for f in files for p in json.loads(f.read_text())["plans"]]

@@ -45,3 +45,21 @@ class Validator:
             tracker.images("validation", images, step)
         print(f"validation images: {path}")
         return path
+
+
+def class_image_generator(cfg):
+    """DreamBooth's class images: (prompts, seed) -> PIL images of the base model at
+    --resolution, with the JAX pipelines (--class_image_steps decoder steps)."""
+    dtype = jnp.bfloat16 if cfg.mixed_precision == "bf16" else None
+    sampler = Sampler.from_folders(
+        cfg.pretrained_prior_model_name_or_path,
+        cfg.pretrained_decoder_model_name_or_path,
+        dtype=dtype,
+    )
+
+    def generate(prompts, seed):
+        size = cfg.resolution
+        steps = cfg.class_image_steps
+        return sampler.generate(prompts, height=size, width=size, decoder_steps=steps, seed=seed)
+
+    return generate

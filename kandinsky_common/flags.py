@@ -92,6 +92,26 @@ class TrainConfig:
     enable_xformers_memory_efficient_attention: bool = _f(False, "xFormers attention (CUDA).")
     validation_epochs: int = _f(5, "Validate every N epochs (and after epoch 0).")
     tracker_project_name: str = _f("text2image-fine-tune", "Tracker project name.")
+    # --- DreamBooth (diffusers' train_dreambooth_lora.py) -------------------------------------
+    instance_data_dir: str | None = _f(
+        None, "DreamBooth: a folder of images of the subject (instead of a dataset)."
+    )
+    instance_prompt: str | None = _f(
+        None, "DreamBooth: the prompt of every instance image, e.g. 'a photo of sks dog'."
+    )
+    class_data_dir: str | None = _f(
+        None, "DreamBooth: class images (generated there first where fewer than asked)."
+    )
+    class_prompt: str | None = _f(None, "DreamBooth: the prompt of the class images.")
+    with_prior_preservation: bool = _f(
+        False, "DreamBooth: add class images to every batch, against language drift."
+    )
+    prior_loss_weight: float = _f(1.0, "DreamBooth: weight of the class images' loss.")
+    num_class_images: int = _f(100, "DreamBooth: class images to train with (and generate).")
+    sample_batch_size: int = _f(4, "DreamBooth: images per batch when generating class images.")
+    class_image_steps: int = _f(
+        100, "DreamBooth: decoder denoising steps of generated class images (the pipeline's)."
+    )
     # --- ours ---------------------------------------------------------------------------------
     backend: str = _f("flax", "Training backend.", choices=BACKENDS)
     prediction_type: str | None = _f(
@@ -132,7 +152,20 @@ class TrainConfig:
     )
 
 
+DREAMBOOTH_FLAGS = (  # diffusers' DreamBooth scripts', not its text-to-image ones
+    "instance_data_dir",
+    "instance_prompt",
+    "class_data_dir",
+    "class_prompt",
+    "with_prior_preservation",
+    "prior_loss_weight",
+    "num_class_images",
+    "sample_batch_size",
+)
+OUR_DREAMBOOTH_FLAGS = ("class_image_steps",)
 OUR_FLAGS = (
+    *DREAMBOOTH_FLAGS,
+    *OUR_DREAMBOOTH_FLAGS,
     "backend",
     "prediction_type",
     "lr_step_rules",
@@ -293,7 +326,13 @@ def resolve_paths(cfg: TrainConfig) -> None:
 
     cfg.output_dir = user_path(cfg.output_dir)
     cfg.logging_dir = os.path.join(cfg.output_dir, os.path.expanduser(cfg.logging_dir))
-    for name in ("train_data_dir", "embeddings_cache", "cache_dir"):
+    for name in (
+        "train_data_dir",
+        "embeddings_cache",
+        "cache_dir",
+        "instance_data_dir",
+        "class_data_dir",
+    ):
         value = getattr(cfg, name)
         if value:
             setattr(cfg, name, user_path(value))
@@ -367,8 +406,16 @@ def validate(cfg: TrainConfig, stage: str) -> None:
     """Cross-flag checks that need no files or models; raises UserError with the fix."""
     if stage not in STAGES:
         raise ValueError(stage)
-    if cfg.dataset_name is None and cfg.train_data_dir is None:
-        raise UserError("no training data: pass --dataset_name DIR or --train_data_dir DIR")
+    sources = [f"--{n}" for n in ("dataset_name", "train_data_dir", "instance_data_dir")]
+    given = [f for f in sources if getattr(cfg, f[2:]) is not None]
+    if not given:
+        raise UserError(
+            "no training data: pass --dataset_name DIR, --train_data_dir DIR, or (DreamBooth) "
+            "--instance_data_dir DIR with --instance_prompt"
+        )
+    if len(given) > 1:
+        raise UserError(f"pass one source of training data, not {' and '.join(given)}")
+    _validate_dreambooth(cfg)
     _positive(
         cfg,
         "train_batch_size",
@@ -414,6 +461,32 @@ def validate(cfg: TrainConfig, stage: str) -> None:
             "the torch backend is launched with torchrun"
         )
     _check_output_dir(Path(cfg.output_dir))
+
+
+def _validate_dreambooth(cfg: TrainConfig) -> None:
+    if cfg.instance_data_dir is None:
+        if cfg.instance_prompt is not None or cfg.with_prior_preservation:
+            raise UserError(
+                "--instance_prompt and --with_prior_preservation are DreamBooth flags: pass the "
+                "subject's images with --instance_data_dir DIR"
+            )
+        return
+    if not cfg.instance_prompt:
+        raise UserError('--instance_data_dir needs --instance_prompt, e.g. "a photo of sks dog"')
+    _positive(cfg, "num_class_images", "sample_batch_size", "class_image_steps")
+    if cfg.prior_loss_weight < 0:
+        raise UserError(f"--prior_loss_weight must be >= 0, got {cfg.prior_loss_weight}")
+    if cfg.with_prior_preservation:
+        if not cfg.class_data_dir or not cfg.class_prompt:
+            raise UserError(
+                "--with_prior_preservation needs --class_data_dir DIR (missing class images are "
+                'generated there) and --class_prompt, e.g. "a photo of a dog"'
+            )
+        if cfg.embeddings_cache:
+            raise UserError(
+                "--embeddings_cache does not take DreamBooth's paired instance and class batches; "
+                "drop it (a DreamBooth data set is small: the encoders cost little)"
+            )
 
 
 def _check_output_dir(out: Path) -> None:

@@ -24,7 +24,8 @@ from kandinsky_common.cache import (
     fingerprint,
     folder_digest,
 )
-from kandinsky_common.data import load_train_dataset
+from kandinsky_common.data import check_image_files, load_train_dataset
+from kandinsky_common.dreambooth import prompt_dataset
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig, script_name
 from kandinsky_common.folders import write_json
@@ -54,6 +55,13 @@ class RunPlan:
     resume: Path | None
     resumed_state: dict | None
     cache: EmbeddingCache | None = None  # set by use_cache: batches are then encoder outputs
+    class_builder: BatchBuilder | None = None  # DreamBooth's class images (prior preservation)
+
+    @property
+    def batch_factor(self) -> int:
+        """Examples per sampled row: 2 with prior preservation (an instance and a class image,
+        so --train_batch_size 1 trains on batches of 2, as in diffusers), else 1."""
+        return 1 if self.class_builder is None else 2
 
     def position(self, micro: int) -> tuple[int, int]:
         """(epoch, step in epoch) of micro-step `micro` (micro-batches run on across epochs)."""
@@ -93,7 +101,16 @@ class RunPlan:
             return self.cache.read(
                 rows, [caption_choice(seed, epoch, r, counts[r]) for r in rows.tolist()]
             )
-        return self.builder(rows, epoch)
+        if self.class_builder is None:
+            return self.builder(rows, epoch)
+        # instances first, then as many class images; per-example weights make the batch mean
+        # equal instance loss + prior_loss_weight x class loss (each a mean over its half)
+        instances = self.builder(rows % len(self.dataset), epoch)
+        classes = self.class_builder(rows % len(self.class_builder), epoch)
+        batch = {k: np.concatenate([instances[k], classes[k]]) for k in instances}
+        weight = self.cfg.prior_loss_weight
+        batch["loss_weight"] = np.repeat(np.float32([2.0, 2.0 * weight]), len(rows))
+        return batch
 
     def use_cache(
         self,
@@ -169,6 +186,14 @@ class RunPlan:
     def builder_config(self) -> str:
         """The preprocessing settings that shape the encoders' inputs (for the fingerprint)."""
         return repr((self.builder.clip, self.builder.resolution, self.builder.image_column))
+
+
+def _prompt_dataset(cfg, folder, prompt: str, limit: int | None = None):
+    """A DreamBooth folder of images as a dataset, every image captioned `prompt`, checked as
+    the other sources are."""
+    data = prompt_dataset(folder, prompt, cfg.image_column, cfg.caption_column, limit)
+    check_image_files(data, cfg.image_column)
+    return data
 
 
 def _check_same_adapter(state: dict, cfg, stage: str, path) -> None:
@@ -256,16 +281,24 @@ def plan_run(
 ) -> RunPlan:
     """per_process_batch: examples per process and micro-step (default: --train_batch_size, the
     torch backend's one device per process; the flax backend passes batch x local devices)."""
-    dataset = load_train_dataset(
-        dataset_name=cfg.dataset_name,
-        dataset_config_name=cfg.dataset_config_name,
-        train_data_dir=cfg.train_data_dir,
-        cache_dir=cfg.cache_dir,
-        image_column=cfg.image_column,
-        caption_column=cfg.caption_column if spec.uses_captions else None,
-        max_train_samples=cfg.max_train_samples,
-        seed=cfg.seed if cfg.seed is not None else 0,
-    )
+    if cfg.instance_data_dir is not None:
+        dataset = _prompt_dataset(cfg, cfg.instance_data_dir, cfg.instance_prompt)
+    else:
+        dataset = load_train_dataset(
+            dataset_name=cfg.dataset_name,
+            dataset_config_name=cfg.dataset_config_name,
+            train_data_dir=cfg.train_data_dir,
+            cache_dir=cfg.cache_dir,
+            image_column=cfg.image_column,
+            caption_column=cfg.caption_column if spec.uses_captions else None,
+            max_train_samples=cfg.max_train_samples,
+            seed=cfg.seed if cfg.seed is not None else 0,
+        )
+    class_dataset = None
+    if cfg.with_prior_preservation:
+        class_dataset = _prompt_dataset(
+            cfg, cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images
+        )
     ck.check_no_foreign_checkpoints(cfg.output_dir, backend)
     resume = ck.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint, backend=backend)
     if resume is not None and resumed_state is None and cfg.resume_from_checkpoint == "latest":
@@ -292,18 +325,25 @@ def plan_run(
     if seed is None:  # still one recorded stream, so a resumed run continues it exactly
         fresh = int(np.random.SeedSequence().entropy % 2**31)
         seed = resumed_state["seed"] if resumed_state else fresh
-    builder = BatchBuilder(
-        dataset,
-        image_column=cfg.image_column,
-        caption_column=cfg.caption_column if spec.uses_captions else None,
-        tokenizer=tokenizer if spec.uses_captions else None,
-        resolution=cfg.resolution if spec.uses_resolution else None,
-        image_processor_config=load_image_processor_config(prior_folder),
-        seed=seed,
-        num_threads=builder_threads,
-    )
+
+    def builder_of(data) -> BatchBuilder:
+        return BatchBuilder(
+            data,
+            image_column=cfg.image_column,
+            caption_column=cfg.caption_column if spec.uses_captions else None,
+            tokenizer=tokenizer if spec.uses_captions else None,
+            resolution=cfg.resolution if spec.uses_resolution else None,
+            image_processor_config=load_image_processor_config(prior_folder),
+            seed=seed,
+            num_threads=builder_threads,
+        )
+
+    builder = builder_of(dataset)
+    class_builder = None if class_dataset is None else builder_of(class_dataset)
+    # DreamBooth pairs row r with instance r mod n and class image r mod m (diffusers' length)
+    rows = len(dataset) if class_dataset is None else max(len(dataset), len(class_dataset))
     sampler = EpochSampler(
-        len(dataset),
+        rows,
         per_process_batch or cfg.train_batch_size,
         num_processes=num_processes,
         process_index=process_index,
@@ -336,4 +376,5 @@ def plan_run(
         max_train_steps=max_train_steps,
         resume=resume,
         resumed_state=resumed_state,
+        class_builder=class_builder,
     )

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         help="as training's --attention (chunked: more host memory to compile the decoder step)",
     )
     p.add_argument("--no_ema", action="store_true", help="plan without the EMA copy")
+    p.add_argument("--lora_rank", type=int, default=0, help="plan LoRA runs of this rank (no EMA)")
     p.add_argument("--search", action="store_true", help="find the largest per-core batch")
     p.add_argument(
         "--search_limit",
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         a = p.parse_args(args)
         batch, remat = per_stage(a.batch_per_core, int), per_stage(a.remat, REMAT.__getitem__)
         common = dict(mesh_shape=a.mesh_shape, resolution=a.resolution, precision=a.precision)
-        common.update(attention=a.attention, use_ema=not a.no_ema, size=a.size)
+        use_ema = not a.no_ema and not a.lora_rank  # the LoRA scripts keep no EMA
+        common.update(attention=a.attention, use_ema=use_ema, size=a.size)
+        common.update(lora_rank=a.lora_rank)
         specs = [
             PlanSpec(
                 stage,

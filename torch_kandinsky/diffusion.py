@@ -49,12 +49,19 @@ def min_snr_weights(snr, gamma: float, prediction_type: str):
     return w  # "sample": min(SNR, gamma), as the prior script
 
 
-def diffusion_loss(pred, target, timesteps, alphas_cumprod, prediction_type, snr_gamma=None):
-    """MSE on fp32, optionally Min-SNR weighted per sample (mean over non-batch dims first)."""
-    if snr_gamma is None:
+def diffusion_loss(
+    pred, target, timesteps, alphas_cumprod, prediction_type, snr_gamma=None, weights=None
+):
+    """MSE on fp32, optionally Min-SNR weighted per sample (mean over non-batch dims first) and
+    times per-sample `weights` (DreamBooth's instance and class halves)."""
+    if snr_gamma is None and weights is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    snr = compute_snr(alphas_cumprod, timesteps)
-    w = min_snr_weights(snr, snr_gamma, prediction_type)
     per = F.mse_loss(pred.float(), target.float(), reduction="none")
     per = per.mean(dim=list(range(1, per.ndim)))
-    return (per * w).mean()
+    if snr_gamma is not None:
+        per = per * min_snr_weights(
+            compute_snr(alphas_cumprod, timesteps), snr_gamma, prediction_type
+        )
+    if weights is not None:
+        per = per * weights.to(per.device, torch.float32)
+    return per.mean()

@@ -77,3 +77,22 @@ def log_images(accelerator, images: list[Image.Image], step: int, output_dir: st
 
             tracker.log({"validation": [wandb.Image(im) for im in images]}, step=step)
     return path
+
+
+def class_image_generator(cfg, device):
+    """DreamBooth's class images: (prompts, seed) -> PIL images of the base model at
+    --resolution, with diffusers' pipelines (--class_image_steps decoder steps)."""
+    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+    sampler = Sampler.from_folders(
+        cfg.pretrained_prior_model_name_or_path,
+        cfg.pretrained_decoder_model_name_or_path,
+        dtype,
+        device=device,
+    )
+
+    def generate(prompts, seed):
+        size = cfg.resolution
+        steps = cfg.class_image_steps
+        return sampler.generate(prompts, height=size, width=size, decoder_steps=steps, seed=seed)
+
+    return generate

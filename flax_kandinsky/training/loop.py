@@ -32,9 +32,10 @@ from flax_kandinsky.training.step import (
     make_train_step,
     split_stage,
 )
-from flax_kandinsky.validation import Validator
+from flax_kandinsky.validation import Validator, class_image_generator
 from kandinsky_common import noise as noise_stream
 from kandinsky_common.checkpoints import write_failed
+from kandinsky_common.dreambooth import fill_class_images
 from kandinsky_common.errors import NonFiniteLoss
 from kandinsky_common.flags import TrainConfig
 from kandinsky_common.hub import check_hub, push_folder
@@ -151,6 +152,13 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
         check_hub(cfg)
     mesh = sh.make_mesh(cfg.mesh_shape)
     stage = make_stage(cfg, stage_name)
+    if cfg.with_prior_preservation:  # DreamBooth: the class images the folder lacks, first
+        fill_class_images(
+            cfg,
+            lambda: class_image_generator(cfg),
+            is_main=jax.process_index() == 0,
+            barrier=lambda: multihost_utils.sync_global_devices("class_images"),
+        )
     plan = plan_run(
         cfg,
         stage.spec,
@@ -194,11 +202,12 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
     )
     inputs = abstract_inputs(
         stage,
-        cfg.train_batch_size * mesh.size,
+        cfg.train_batch_size * mesh.size * plan.batch_factor,
         plan.accum,
         cfg.resolution,
         plan.cache is not None,
         mesh,
+        weighted=plan.batch_factor > 1,
     )
     try:
         compiled = step.compile(target, consts, inputs)
@@ -300,7 +309,8 @@ def run_updates(run: Run, progress: Progress, validator: Validator) -> str | Non
     """Train from run.global_step to the plan's end, checkpointing when due; returns the name of
     the signal that stopped it early (a checkpoint is saved first), or None."""
     cfg, plan, stage = run.cfg, run.plan, run.stage
-    shape = stage.x0_shape(cfg.train_batch_size * run.mesh.local_mesh.size, cfg.resolution)
+    per_process = cfg.train_batch_size * run.mesh.local_mesh.size * plan.batch_factor
+    shape = stage.x0_shape(per_process, cfg.resolution)
     batches = host_batches(plan, stage, run.global_step, shape)
     source = Prefetcher(device_batches(run.mesh, batches), 2)
     try:

@@ -45,10 +45,13 @@ class StepFn:
         return self.fn.lower(state, consts, *inputs).compile()
 
 
-def abstract_inputs(stage, global_batch: int, accum: int, resolution: int, cached: bool, mesh):
+def abstract_inputs(
+    stage, global_batch: int, accum: int, resolution: int, cached: bool, mesh, weighted=False
+):
     """(batch, noise, timesteps) of one update as ShapeDtypeStructs with their shardings: the
     micro-batches stacked on a leading axis of `accum`, the batch as the step reads it (pixels
-    and tokens, or with `cached` the encoder outputs)."""
+    and tokens, or with `cached` the encoder outputs; with `weighted` a per-example
+    "loss_weight")."""
     data = sh.batch_sharding(mesh, leading=1)
 
     def sds(shape, dtype):
@@ -56,6 +59,8 @@ def abstract_inputs(stage, global_batch: int, accum: int, resolution: int, cache
 
     shapes = stage.batch_shapes(global_batch, resolution, cached)
     batch = {k: sds(shape, dtype) for k, (shape, dtype) in shapes.items()}
+    if weighted:
+        batch["loss_weight"] = sds((global_batch,), jnp.float32)
     noise = sds(stage.noise_shape(global_batch, resolution), jnp.float32)
     return batch, noise, sds((global_batch,), jnp.int32)
 
@@ -104,7 +109,8 @@ def stage_loss(
     pred = stage.predict(model, x_t, timesteps, enc)
     pt = stage.schedule.prediction_type
     target = get_target(pt, x0, noise, timesteps, alphas_cumprod)
-    return diffusion_loss(pred, target, timesteps, alphas_cumprod, pt, gamma)
+    weights = batch.get("loss_weight")  # DreamBooth with prior preservation
+    return diffusion_loss(pred, target, timesteps, alphas_cumprod, pt, gamma, weights)
 
 
 def make_train_step(

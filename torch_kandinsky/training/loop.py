@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from kandinsky_common import checkpoints as ckpt_files
 from kandinsky_common import noise as noise_stream
+from kandinsky_common.dreambooth import fill_class_images
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
 from kandinsky_common.hub import check_hub, push_folder
@@ -36,7 +37,7 @@ from torch_kandinsky.training.optim import (
     make_optimizer,
 )
 from torch_kandinsky.training.step import SkippedUpdates, any_process, train_step
-from torch_kandinsky.validation import Validator
+from torch_kandinsky.validation import Validator, class_image_generator
 
 DTYPES = {None: torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -125,6 +126,14 @@ def set_up(cfg: TrainConfig, stage_name: str, accelerator: Accelerator) -> Run:
     if cfg.push_to_hub:
         check_hub(cfg)
     stage = make_stage(cfg, stage_name, accelerator.device, DTYPES[cfg.mixed_precision])
+    if cfg.with_prior_preservation:  # DreamBooth: the class images the folder lacks, first
+        main = accelerator.is_main_process
+        fill_class_images(
+            cfg,
+            lambda: class_image_generator(cfg, accelerator.device),
+            is_main=main,
+            barrier=accelerator.wait_for_everyone,
+        )
     plan = plan_run(
         cfg,
         stage.spec,
@@ -200,7 +209,7 @@ def run_updates(run: Run, validator: Validator) -> str | None:
         desc=f"{stage.spec.name} (torch)",
         disable=not acc.is_local_main_process,
     )
-    shape = stage.x0_shape(cfg.train_batch_size, cfg.resolution)
+    shape = stage.x0_shape(cfg.train_batch_size * plan.batch_factor, cfg.resolution)
     pid, num_timesteps = acc.process_index, stage.schedule.num_train_timesteps
     try:
         with PreemptionGuard(sigint=True) as guard:

@@ -10,8 +10,11 @@ from kandinsky_common.errors import NonFiniteLoss
 from torch_kandinsky.diffusion import add_noise, diffusion_loss, get_target
 
 
-def stage_loss(stage, model, enc, noise: torch.Tensor, timesteps: torch.Tensor, snr_gamma=None):
-    """Loss of `model` on encoder outputs `enc` with the given noise and timesteps."""
+def stage_loss(
+    stage, model, enc, noise: torch.Tensor, timesteps: torch.Tensor, snr_gamma=None, weights=None
+):
+    """Loss of `model` on encoder outputs `enc` with the given noise and timesteps (and
+    per-example `weights`)."""
     x0 = stage.x0(enc)
     noise = noise.to(device=x0.device, dtype=x0.dtype)
     timesteps = timesteps.to(x0.device)
@@ -20,7 +23,7 @@ def stage_loss(stage, model, enc, noise: torch.Tensor, timesteps: torch.Tensor, 
     pred = stage.predict(model, x_t, timesteps, enc)
     pt = stage.schedule.prediction_type
     target = get_target(pt, x0, noise, timesteps, ac)
-    return diffusion_loss(pred, target, timesteps, ac, pt, snr_gamma)
+    return diffusion_loss(pred, target, timesteps, ac, pt, snr_gamma, weights)
 
 
 class SkippedUpdates:
@@ -100,10 +103,18 @@ def micro_step(
     the update is dropped instead (no optimizer step: weights and Adam state stay) and counted.
     """
     with accelerator.accumulate(model):
+        weights = batch.get("loss_weight")  # DreamBooth with prior preservation: float32
+        batch = {k: v for k, v in batch.items() if k != "loss_weight"}
         dev = stage.to_device(batch, accelerator.device, stage.weight_dtype)
         enc = dev if encoded else stage.encode(dev)
         loss = stage_loss(
-            stage, model, enc, torch.from_numpy(noise), torch.from_numpy(timesteps), snr_gamma
+            stage,
+            model,
+            enc,
+            torch.from_numpy(noise),
+            torch.from_numpy(timesteps),
+            snr_gamma,
+            None if weights is None else torch.from_numpy(np.asarray(weights)),
         )
         value = loss.detach().float().item()
         # Default mode on several processes: raising alone would leave the other processes
