@@ -169,3 +169,15 @@ def test_lora_commands_and_snippet_as_printed(tmp_path, tiny_folders, sample_dat
     program = "from diffusers import AutoPipelineForText2Image\n" + snippet
     program += "assert pipe.unet.peft_config and pipe.prior_prior.peft_config\n"
     _run(["python", "-c", program], home)
+
+
+def test_dreambooth_command_as_printed(tmp_path, tiny_folders, sample_dataset):
+    home = _readme_folders(_clean_copy(tmp_path / "kandinsky"), tiny_folders, sample_dataset)
+    (home / "dog").mkdir()
+    for f in sorted(sample_dataset.glob("*.png"))[:3]:
+        shutil.copy(f, home / "dog" / f.name)
+    (words,) = _commands("## DreamBooth", "python scripts/")
+    small = [*SMALL, "--num_class_images", "2", "--class_image_steps", "2"]
+    _run([*words, *small], home)
+    assert len(list((home / "dog-class").glob("*.png"))) == 2
+    assert (home / "dog-decoder-lora" / "pytorch_lora_weights.safetensors").is_file()
