@@ -4,6 +4,7 @@ garbage collection) that follow a failure already raised to the caller."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -127,4 +128,6 @@ def join_writer_threads(timeout: float = 60.0) -> None:
         if thread is threading.current_thread() or not thread.is_alive():
             continue
         if type(thread).__module__.startswith("orbax."):
-            thread.join(max(0.0, deadline - time.monotonic()))
+            # orbax's threads re-raise their own failure from join(): the one being reported
+            with contextlib.suppress(Exception):
+                thread.join(max(0.0, deadline - time.monotonic()))
