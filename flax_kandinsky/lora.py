@@ -16,8 +16,13 @@ import numpy as np
 from flax import nnx
 
 from flax_kandinsky.models.layers import Linear
-from kandinsky_common.errors import UserError
-from kandinsky_common.lora import LoraSettings, module_keys, read_adapter, settings_of_file
+from kandinsky_common.lora import (
+    LoraSettings,
+    check_fits,
+    module_keys,
+    read_adapter,
+    settings_of_file,
+)
 from kandinsky_common.stage_spec import StageSpec
 
 
@@ -100,28 +105,13 @@ def to_peft(model: nnx.Module) -> dict[str, np.ndarray]:
 def from_peft(model: nnx.Module, tensors: dict[str, np.ndarray]) -> None:
     """Set the adapter of `model` from PEFT-layout `tensors`, strictly: a key the model has no
     adapter for, an adapter the tensors miss, or a wrong shape raises UserError."""
-    modules = adapted(model)
-    wanted = {}
-    for name, m in modules.items():
+    params = {}
+    for name, m in adapted(model).items():
         key_a, key_b = module_keys(name)
-        wanted[key_a] = (m.lora.lora_a, m.lora.lora_a.shape[::-1])
-        wanted[key_b] = (m.lora.lora_b, m.lora.lora_b.shape[::-1])
-    unused = sorted(tensors.keys() - wanted.keys())
-    missing = sorted(wanted.keys() - tensors.keys())
-    if unused or missing:
-        raise UserError(
-            f"the adapter does not fit this network: {len(unused)} unknown keys "
-            f"({', '.join(unused[:3])}), {len(missing)} missing ({', '.join(missing[:3])}); "
-            "pass the adapter of this model and stage"
-        )
-    for key, (param, shape) in wanted.items():
-        value = np.asarray(tensors[key])
-        if value.shape != tuple(shape):
-            raise UserError(
-                f"adapter key {key} has shape {value.shape}, this network needs {tuple(shape)} "
-                "(another --rank or model size?)"
-            )
-        param[...] = jnp.asarray(value.T, param.dtype)
+        params[key_a], params[key_b] = m.lora.lora_a, m.lora.lora_b
+    check_fits(tensors, {k: p.shape[::-1] for k, p in params.items()})
+    for key, param in params.items():
+        param[...] = jnp.asarray(np.asarray(tensors[key]).T, param.dtype)
 
 
 def _merge_into(base, adapter, scale_of, path=()):

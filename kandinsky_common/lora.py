@@ -74,6 +74,25 @@ def module_keys(module: str) -> tuple[str, str]:
     return module + A_SUFFIX, module + B_SUFFIX
 
 
+def check_fits(tensors: dict[str, np.ndarray], wanted: dict[str, tuple[int, ...]]) -> None:
+    """The adapter `tensors` (file layout) fit a network whose adapter has these shapes: no
+    unknown key, none missing, every shape equal; else a UserError naming the first ones."""
+    unused = sorted(tensors.keys() - wanted.keys())
+    missing = sorted(wanted.keys() - tensors.keys())
+    if unused or missing:
+        raise UserError(
+            f"the adapter does not fit this network: {len(unused)} unknown keys "
+            f"({', '.join(unused[:3])}), {len(missing)} missing ({', '.join(missing[:3])}); "
+            "pass the adapter of this model and stage"
+        )
+    for key, shape in wanted.items():
+        if tuple(tensors[key].shape) != tuple(shape):
+            raise UserError(
+                f"adapter key {key} has shape {tuple(tensors[key].shape)}, this network needs "
+                f"{tuple(shape)} (another --rank or model size?)"
+            )
+
+
 def initial_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
     """A fresh adapter for modules of these file-layout shapes: A ~ N(0, 1/r) and B = 0 (PEFT's
     "gaussian" init, as diffusers' LoRA scripts), drawn from one numpy stream in key order, so

@@ -219,3 +219,32 @@ def test_generate_with_adapters_on_both_backends(tiny_folders, sample_dataset, t
     assert "holds no 'unet.' weights" in line, line
     line = _fails("generate.py", *common[:-1], "nowhere", "--out", "x", cwd=tmp_path)
     assert "--decoder_lora nowhere is not a folder" in line, line
+
+
+def test_an_adapter_that_does_not_fit_is_refused_on_both_backends(tiny_folders):
+    from diffusers import PriorTransformer
+
+    from flax_kandinsky import lora as flora
+    from flax_kandinsky.models.prior import load_prior
+    from kandinsky_common.errors import UserError
+    from kandinsky_common.lora import LoraSettings
+    from kandinsky_common.stage_spec import PRIOR
+    from torch_kandinsky import lora as tlora
+
+    lora = LoraSettings(4, 4.0, PRIOR.lora_targets, "prior")
+    flax_net = load_prior(tiny_folders[0] / "prior")[0]
+    flora.add_lora(flax_net, lora)
+    torch_net = tlora.add_lora(PriorTransformer.from_pretrained(tiny_folders[0] / "prior"), lora)
+    good = flora.to_peft(flax_net)
+    assert sorted(good) == sorted(tlora.to_peft(torch_net))
+    first = sorted(good)[0]
+    missing = {k: v for k, v in good.items() if k != first}
+    wrong = {**good, first: np.zeros((8, good[first].shape[1]), np.float32)}
+    for load, net in ((flora.from_peft, flax_net), (tlora.from_peft, torch_net)):
+        with pytest.raises(UserError, match="1 missing"):
+            load(net, missing)
+        with pytest.raises(UserError, match="another --rank"):
+            load(net, wrong)
+        with pytest.raises(UserError, match="1 unknown keys"):
+            load(net, {**good, "other.lora_A.weight": good[first]})
+        load(net, good)

@@ -13,7 +13,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from kandinsky_common.errors import UserError
-from kandinsky_common.lora import LoraSettings, initial_adapter
+from kandinsky_common.lora import LoraSettings, check_fits, initial_adapter
 
 
 def add_lora(model: torch.nn.Module, lora: LoraSettings, seed: int = 0, base_dtype=None):
@@ -43,21 +43,7 @@ def to_peft(model: torch.nn.Module) -> dict[str, np.ndarray]:
 def from_peft(model: torch.nn.Module, tensors: dict[str, np.ndarray]) -> None:
     """Set the adapter of `model` from file-layout `tensors`, strictly (unknown, missing or
     misshapen keys raise UserError)."""
-    wanted = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
-    unused = sorted(tensors.keys() - wanted.keys())
-    missing = sorted(wanted.keys() - tensors.keys())
-    if unused or missing:
-        raise UserError(
-            f"the adapter does not fit this network: {len(unused)} unknown keys "
-            f"({', '.join(unused[:3])}), {len(missing)} missing ({', '.join(missing[:3])}); "
-            "pass the adapter of this model and stage"
-        )
-    for key, shape in wanted.items():
-        if tuple(tensors[key].shape) != shape:
-            raise UserError(
-                f"adapter key {key} has shape {tuple(tensors[key].shape)}, this network needs "
-                f"{shape} (another --rank or model size?)"
-            )
+    check_fits(tensors, {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()})
     state = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in tensors.items()}
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", None)
