@@ -64,10 +64,10 @@ def _batch(tstage, dataset_dir, name):
     return builder(np.array([3, 1, 4]), 0)
 
 
-@pytest.mark.parametrize("name,prediction_type,gamma", CASES)
-def test_loss_and_gradients_match(name, prediction_type, gamma, tiny_folders, sample_dataset, tol):
-    tstage, fstage = _stages(name, tiny_folders, prediction_type)
-    batch = _batch(tstage, sample_dataset, name)
+def losses_and_grads(tstage, fstage, dataset_dir, name, gamma):
+    """Both backends on one batch, noise and timesteps: (torch loss, torch grads by parameter
+    name, flax loss, flax grads as a pure dict of the trained params)."""
+    batch = _batch(tstage, dataset_dir, name)
     noise, t = noise_stream.draw(7, 0, 0, tstage.x0_shape(3, 64), 1000)
 
     model = tstage.model.train()
@@ -87,7 +87,14 @@ def test_loss_and_gradients_match(name, prediction_type, gamma, tiny_folders, sa
         return stage_loss(fstage, graphdefs, p, consts, jbatch, n, jnp.asarray(t), ac, gamma)
 
     loss_f, grads_f = jax.value_and_grad(loss_fn)(params)
-    assert abs(float(loss_f) - loss_t.item()) / abs(loss_t.item()) <= tol["loss"]
+    return loss_t.item(), grads_t, float(loss_f), grads_f
+
+
+@pytest.mark.parametrize("name,prediction_type,gamma", CASES)
+def test_loss_and_gradients_match(name, prediction_type, gamma, tiny_folders, sample_dataset, tol):
+    tstage, fstage = _stages(name, tiny_folders, prediction_type)
+    loss_t, grads_t, loss_f, grads_f = losses_and_grads(tstage, fstage, sample_dataset, name, gamma)
+    assert abs(loss_f - loss_t) / abs(loss_t) <= tol["loss"]
 
     table = PRIOR_TABLE if name == "prior" else UNET_TABLE
     grads_f = table.to_torch(flatten(grads_f))

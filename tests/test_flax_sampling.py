@@ -232,7 +232,10 @@ def test_checkpoint_params_and_overrides_must_fit(tiny_folders, sampler, monkeyp
     from flax_kandinsky import export
     from flax_kandinsky.export import checkpoint_params
 
-    stage = SimpleNamespace(spec=SimpleNamespace(name="decoder"))  # what the loader needs
+    # what the loader needs of a full fine-tune's stage
+    stage = SimpleNamespace(
+        spec=SimpleNamespace(name="decoder"), trainable=nnx.Param, sampling_params=lambda p: p
+    )
     d = sampler.decoder
     unet = nnx.merge(d._unet_graph, d.params, d._unet_rest)
     monkeypatch.setattr(export, "load_checkpoint_model", lambda path, use_ema: (stage, unet))

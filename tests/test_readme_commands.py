@@ -148,9 +148,10 @@ def test_usage_export_and_generate_commands_as_printed(
         assert list((home / out).glob("*.png")), proc.stdout
 
 
-def test_lora_commands_and_snippet_as_printed(tmp_path, tiny_folders, sample_dataset):
-    """The LoRA section: both training commands as printed (each names its backend), then its
-    diffusers snippet, from the user's folder."""
+@pytest.mark.parametrize("backend", ["printed", "flax", "torch"])
+def test_lora_commands_and_snippet_as_printed(backend, tmp_path, tiny_folders, sample_dataset):
+    """The LoRA section: both training commands as printed (each names its backend), or both
+    on one backend (`--backend` appended), then its diffusers snippet, from the user's folder."""
     home = _readme_folders(_clean_copy(tmp_path / "kandinsky"), tiny_folders, sample_dataset)
     train = _commands("## LoRA", "python scripts/train_text_to_image_lora_")
     assert [w[1] for w in train] == [
@@ -159,6 +160,8 @@ def test_lora_commands_and_snippet_as_printed(tmp_path, tiny_folders, sample_dat
     ]
     assert {w[w.index("--backend") + 1] for w in train} == {"flax", "torch"}
     small = [*SMALL, "--num_validation_images", "1"]
+    if backend != "printed":
+        small += ["--backend", backend]
     for words in train:
         _run([*words, *small], home)
         out = next(w.split("=", 1)[1] for w in words if w.startswith("--output_dir="))
