@@ -17,6 +17,8 @@ while [ $# -gt 0 ]; do
 done
 bash scripts/setup_env.sh
 PY=.venv/bin/python
+# this checkout's code, whichever checkout the venv's editable install points at
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 rm -rf "$OUT"
 mkdir -p "$OUT"

@@ -17,3 +17,8 @@ if [ ! -f "$stamp" ]; then
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi
+# A venv made for another checkout (copied, or that checkout moved or deleted) has every
+# dependency but maps this package to a folder that is gone: install this checkout, no deps.
+if ! "$VENV/bin/python" -P -c "import kandinsky_common" >/dev/null 2>&1; then
+  "$VENV/bin/python" -m pip install -q --no-deps -e .
+fi
