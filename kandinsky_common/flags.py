@@ -9,15 +9,14 @@ transformers.HfArgumentParser: command-line flags, or a single .json / .yaml fil
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from transformers import HfArgumentParser
 
+from kandinsky_common.config_files import CONFIG_SUFFIXES, file_to_argv, load_config_file
 from kandinsky_common.errors import UserError
 from kandinsky_common.folders import user_path
 from kandinsky_common.lr_schedules import LR_SCHEDULER_NAMES
@@ -206,10 +205,6 @@ class LoraTrainConfig(TrainConfig):
     )
 
 
-LORA_FLAGS = ("rank", "validation_prompt", "num_validation_images")  # the reference LoRA scripts'
-OUR_LORA_FLAGS = ("lora_alpha", "merge_lora")
-
-
 def config_class(lora: bool) -> type[TrainConfig]:
     return LoraTrainConfig if lora else TrainConfig
 
@@ -230,9 +225,6 @@ class _Parser(HfArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
-
-
 def _description(stage: str, lora: bool = False) -> str:
     what = (
         f"Train a LoRA adapter of the Kandinsky 2.2 {stage}"
@@ -244,68 +236,6 @@ def _description(stage: str, lora: bool = False) -> str:
         "flax|torch and the flags marked (ours) in docs/flags.md. Flags may also come from a JSON "
         "or YAML file given first (keys are flag names); flags after it override the file."
     )
-
-
-def _load_config_file(path: Path) -> dict:
-    """The flags in a .json/.yaml file, as a dict of flag name -> value (syntax checked)."""
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist; pass the path of a .json/.yaml file")
-    try:
-        text = path.read_text()
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            data = yaml.safe_load(text)
-    except json.JSONDecodeError as e:
-        raise UserError(
-            f"config file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-            "fix that line"
-        ) from e
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(
-            f"config file {path} is not valid YAML ({where}{problem}); fix that line"
-        ) from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"config file {path} cannot be read ({e})") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(
-            f"config file {path} holds a {type(data).__name__}, not a mapping of flag names to "
-            "values; write one `flag_name: value` per line"
-        )
-    return data
-
-
-def _file_to_argv(path: Path, data: dict, config_cls: type[TrainConfig]) -> list[str]:
-    """The file's flags as command-line tokens, so that argparse converts and checks file values
-    exactly as typed flags (a YAML `1e-5` is a string to PyYAML) and later flags override them."""
-    names = {f.name: f for f in dataclasses.fields(config_cls)}
-    argv: list[str] = []
-    for key, value in data.items():
-        if key not in names:
-            raise UserError(
-                f"config file {path}: {key!r} is not a flag of this script; fix the key (flag "
-                "names without dashes, see --help)"
-            )
-        if value is None:
-            continue  # the flag's default; every default that None could mean is None already
-        if isinstance(value, dict) or (
-            isinstance(value, list) and any(isinstance(v, list | dict) for v in value)
-        ):
-            raise UserError(
-                f"config file {path}: {key} must be a single value or a list of strings, got "
-                f"{value!r}"
-            )
-        if isinstance(value, list):
-            if value:
-                argv += [f"--{key}", *map(str, value)]
-            continue
-        argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return argv
 
 
 def resolve_paths(cfg: TrainConfig) -> None:
@@ -359,7 +289,7 @@ def parse_config(argv: list[str] | None, stage: str, lora: bool = False) -> Trai
     if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
         path = Path(argv[0]).expanduser()
         try:
-            file_argv = _file_to_argv(path, _load_config_file(path), config_cls)
+            file_argv = file_to_argv(path, load_config_file(path), config_cls)
             (cfg, rest) = parser.parse_args_into_dataclasses(
                 args=file_argv, return_remaining_strings=True
             )

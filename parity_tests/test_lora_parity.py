@@ -4,9 +4,6 @@ adapter file loaded into diffusers' pipelines samples what our JAX pipelines sam
 
 from __future__ import annotations
 
-import importlib
-
-import jax
 import numpy as np
 import pytest
 import torch
@@ -15,7 +12,6 @@ from flax_kandinsky import lora as flora
 from flax_kandinsky import stages as fstages
 from flax_kandinsky.models.prior import load_prior
 from flax_kandinsky.models.unet import load_unet
-from kandinsky_common.flags import parse_config
 from kandinsky_common.lora import LoraSettings, read_adapter
 from kandinsky_common.stage_spec import SPECS
 from parity_tests.conftest import max_rel, rel_l2
@@ -26,7 +22,8 @@ from parity_tests.test_sampling_parity import (
     run_prior,
 )
 from parity_tests.test_train_parity import losses_and_grads
-from tests.helpers import train_args
+from parity_tests.test_trajectory_parity import _run as run_trajectory
+from parity_tests.test_trajectory_parity import run_both
 from torch_kandinsky import lora as tlora
 from torch_kandinsky import stages as tstages
 
@@ -75,43 +72,15 @@ def test_lora_loss_and_gradients_match(name, gamma, tiny_folders, sample_dataset
 
 
 def _run(backend, stage, tiny_folders, data, out, **flags):
-    prior, decoder = tiny_folders
-    cfg = parse_config(train_args(prior, decoder, data, out, backend=backend, **flags), stage, True)
-    return importlib.import_module(f"{backend}_kandinsky.training.loop").train(cfg, stage)
+    return run_trajectory(backend, stage, tiny_folders, data, out, True, **flags)
 
 
 @pytest.mark.parametrize("stage", ["prior", "decoder"])
 def test_lora_twenty_updates_match(stage, tiny_folders, sample_dataset, tmp_path, tol):
-    updates, n = 20, jax.device_count()
-    flags = dict(
-        max_train_steps=updates,
-        gradient_accumulation_steps=2,
-        lr_scheduler="cosine",
-        lr_warmup_steps=5,
-        learning_rate=2e-3,
-        max_grad_norm=0.05,
-        adam_weight_decay=1e-2,
-        rank=4,
+    run_both(
+        stage, tiny_folders, sample_dataset, tmp_path, tol, True, learning_rate=2e-3, rank=4,
         lora_alpha=8,
-        checkpointing_steps=updates,
-        report_to="none",
-    )
-    t = _run(
-        "torch", stage, tiny_folders, sample_dataset, tmp_path / "t", train_batch_size=8, **flags
-    )
-    f = _run(
-        "flax",
-        stage,
-        tiny_folders,
-        sample_dataset,
-        tmp_path / "f",
-        train_batch_size=8 // n,
-        **flags,
-    )
-    lt, lf = np.asarray(t["losses"]), np.asarray(f["losses"])
-    assert lt.shape == lf.shape == (updates,)
-    worst = float(np.max(np.abs(lf - lt) / np.abs(lt)))
-    assert worst <= tol["trajectory_loss"], worst
+    )  # fmt: skip
     prefix = SPECS[stage].model_subfolder
     at, _ = read_adapter(tmp_path / "t", prefix)
     af, _ = read_adapter(tmp_path / "f", prefix)

@@ -15,14 +15,44 @@ from tests.helpers import train_args
 UPDATES = 20
 
 
-def _run(backend, stage, tiny_folders, data, out, **flags):
+def _run(backend, stage, tiny_folders, data, out, lora=False, **flags):
     import importlib
 
     prior, decoder = tiny_folders
     args = train_args(prior, decoder, data, out, backend=backend, **flags)
-    cfg = parse_config(args, stage)
+    cfg = parse_config(args, stage, lora)
     loop = importlib.import_module(f"{backend}_kandinsky.training.loop")
     return loop.train(cfg, stage)
+
+
+# Twenty updates exercising every part of an update: accumulation, warm-up then cosine, clipping
+# small enough to act on most updates, and weight decay.
+FLAGS = dict(
+    max_train_steps=UPDATES,
+    gradient_accumulation_steps=2,
+    lr_scheduler="cosine",
+    lr_warmup_steps=5,
+    max_grad_norm=0.05,
+    adam_weight_decay=1e-2,
+    checkpointing_steps=UPDATES,
+    report_to="none",
+)
+
+
+def run_both(stage, tiny_folders, data, tmp_path, tol, lora=False, **flags):
+    """Both backends through their real loops (output in tmp_path/t and /f) with the same global
+    batch (torch one process x 8, flax 8 devices x 1, or 1 x 8 on one device); their per-update
+    losses agree within the trajectory tolerance."""
+    flags = {**FLAGS, **flags}
+    common = (stage, tiny_folders, data)
+    t = _run("torch", *common, tmp_path / "t", lora, train_batch_size=8, **flags)
+    f = _run(
+        "flax", *common, tmp_path / "f", lora, train_batch_size=8 // jax.device_count(), **flags
+    )
+    lt, lf = np.asarray(t["losses"]), np.asarray(f["losses"])
+    assert lt.shape == lf.shape == (UPDATES,)
+    worst = float(np.max(np.abs(lf - lt) / np.abs(lt)))
+    assert worst <= tol["trajectory_loss"], worst
 
 
 def _weights(folder, sub):
@@ -31,36 +61,8 @@ def _weights(folder, sub):
 
 @pytest.mark.parametrize("stage", ["prior", "decoder"])
 def test_twenty_updates_match(stage, tiny_folders, sample_dataset, tmp_path, tol):
-    n = jax.device_count()
-    flags = dict(
-        max_train_steps=UPDATES,
-        gradient_accumulation_steps=2,
-        lr_scheduler="cosine",
-        lr_warmup_steps=5,
-        learning_rate=5e-4,
-        max_grad_norm=0.05,  # small enough that clipping acts on most updates
-        adam_weight_decay=1e-2,
-        use_ema=True,
-        checkpointing_steps=UPDATES,
-        report_to="none",
-    )
-    # Same global batch: torch one process x 8, flax 8 devices x 1 (or 1 x 8 on one device).
-    t = _run(
-        "torch", stage, tiny_folders, sample_dataset, tmp_path / "t", train_batch_size=8, **flags
-    )
-    f = _run(
-        "flax",
-        stage,
-        tiny_folders,
-        sample_dataset,
-        tmp_path / "f",
-        train_batch_size=8 // n,
-        **flags,
-    )
-    lt, lf = np.asarray(t["losses"]), np.asarray(f["losses"])
-    assert lt.shape == lf.shape == (UPDATES,)
-    worst = float(np.max(np.abs(lf - lt) / np.abs(lt)))
-    assert worst <= tol["trajectory_loss"], worst
+    flags = {**FLAGS, "learning_rate": 5e-4, "use_ema": True}
+    run_both(stage, tiny_folders, sample_dataset, tmp_path, tol, **flags)
 
     sub = "prior" if stage == "prior" else "unet"
     # Exported weights are the EMA weights on both sides.
