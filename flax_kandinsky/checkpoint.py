@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from flax_kandinsky.orbax_failures import (
 )
 from kandinsky_common import checkpoints as ck
 from kandinsky_common.errors import CheckpointDamaged, UserError
+from kandinsky_common.storage import is_url, location
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _is_orbax_checkpoint(path: epath.Path) -> bool:
         path.is_dir()
         and ocp.step.is_path_finalized(path)
         and not (path / ck.STATE_FILE).exists()
-        and ck.incomplete_reason(Path(path), BACKEND) is None
+        and ck.incomplete_reason(path, BACKEND) is None
     )
 
 
@@ -119,7 +119,7 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
 
 def read_meta(path: str | Path) -> dict:
     """The JSON state of checkpoint `path` (cheap: no arrays are read)."""
-    path = Path(path)
+    path = location(path)
     if (path / ck.STATE_FILE).is_file():
         return ck.read_state(path)  # a torch checkpoint: check_compatible then names the backend
     f = path / META_ITEM / ck.STATE_FILE
@@ -136,8 +136,8 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def _absolute(path: str | Path) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(path)))
+def _absolute(path: str | Path) -> epath.Path:
+    return location(path if is_url(path) else os.path.abspath(os.path.expanduser(path)))
 
 
 def _name(path) -> str:
@@ -258,7 +258,7 @@ class CheckpointStore:
         join_writer_threads()
         if jax.process_index() == 0:
             for tmp in self.output_dir.glob(f"{self.path(step).name}{ck.ORBAX_TMP_MARK}*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.rmtree(missing_ok=True)
         raise failure from error
 
     def wait(self) -> None:

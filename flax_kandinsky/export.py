@@ -14,12 +14,13 @@ from flax_kandinsky.training.optim import make_optimizer
 from flax_kandinsky.training.step import init_state, split_stage
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import config_from_record
+from kandinsky_common.storage import location
 
 
 def load_checkpoint_model(checkpoint: str | Path, use_ema: bool = True):
     """(stage, model) with the checkpoint's trained weights (its EMA weights when it has them and
     `use_ema`), built from the pretrained folders named in the checkpoint's own config."""
-    checkpoint = Path(checkpoint)
+    checkpoint = location(checkpoint)
     if not checkpoint.is_dir():
         raise UserError(f"--checkpoint {checkpoint} is not a folder")
     meta = read_meta(checkpoint)
@@ -52,7 +53,7 @@ def checkpoint_params(checkpoint: str | Path, use_ema: bool = True) -> tuple[str
 def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, use_ema: bool = True) -> Path:
     """Write the prior or decoder pipeline folder of a flax checkpoint to `output_dir`."""
     stage, model = load_checkpoint_model(checkpoint, use_ema)
-    out = Path(output_dir)
+    out = location(output_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--output {out} is not empty; pass a new folder")
     return stage.export(model, out)

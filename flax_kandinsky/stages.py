@@ -35,6 +35,7 @@ from kandinsky_common.folders import check_pipeline_folder, read_config, write_d
 from kandinsky_common.lora import LoraSettings, initial_adapter, write_adapter
 from kandinsky_common.schedule import NoiseSchedule
 from kandinsky_common.stage_spec import DECODER, PRIOR, StageSpec
+from kandinsky_common.storage import location, staged_folder
 
 CLIP_PIXELS = 224  # the CLIP image processor's crop
 TEXT_TOKENS = 77  # the CLIP tokenizer's max length
@@ -137,19 +138,21 @@ class Stage:
     def export(self, model, output_dir: str | Path) -> Path:
         """The trained network as users load it: the pipeline folder of a full fine-tune; the
         adapter file of a LoRA run (and, with `merge_lora`, the folder of the merged network)."""
-        out = Path(output_dir)
-        if self.lora is None:
-            return self.export_pipeline(model, out)
-        adapter = lora_ops.to_peft(model)
-        write_adapter(out, adapter, self.lora)
-        if self.merge_lora:
-            # folded into the float32 base as its folder holds it: an export is float32 whatever
-            # the training precision, and the stage's own model keeps its adapter
-            merged = self.base_network()
-            lora_ops.add_lora(merged, self.lora)
-            lora_ops.from_peft(merged, adapter)
-            self.export_pipeline(lora_ops.fold(merged), out)
-        return out
+        # A bucket (gs://) gets the folder written locally, then uploaded.
+        with staged_folder(output_dir) as out:
+            if self.lora is None:
+                self.export_pipeline(model, out)
+                return location(output_dir)
+            adapter = lora_ops.to_peft(model)
+            write_adapter(out, adapter, self.lora)
+            if self.merge_lora:
+                # folded into the float32 base as its folder holds it: an export is float32
+                # whatever the training precision, and the stage's own model keeps its adapter
+                merged = self.base_network()
+                lora_ops.add_lora(merged, self.lora)
+                lora_ops.from_peft(merged, adapter)
+                self.export_pipeline(lora_ops.fold(merged), out)
+        return location(output_dir)
 
     def noise_layout(self, noise: np.ndarray) -> np.ndarray:
         """Noise drawn in the reference layout -> this backend's x0 layout."""

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from flax_kandinsky.sampling import Sampler
 from kandinsky_common.images import save_grid
+from kandinsky_common.storage import location
 
 
 class Validator:
@@ -40,7 +41,7 @@ class Validator:
             seed=cfg.seed or 0,
             **override,
         )
-        path = save_grid(images, Path(cfg.output_dir) / "validation" / f"step-{step:06d}.png")
+        path = save_grid(images, location(cfg.output_dir) / "validation" / f"step-{step:06d}.png")
         if tracker is not None:
             tracker.images("validation", images, step)
         print(f"validation images: {path}")

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kandinsky_common.errors import UserError
+from kandinsky_common.storage import is_url, location
 
 STATE_FILE = "training_state.json"
 _NAME = re.compile(r"checkpoint-(\d+)\Z")
@@ -29,6 +30,7 @@ _NAME = re.compile(r"checkpoint-(\d+)\Z")
 FLAX_STATE_ITEM = "state"
 FLAX_META_ITEM = "meta"
 ORBAX_TMP_MARK = ".orbax-checkpoint-tmp"
+ORBAX_COMMIT_FILE = "commit_success.txt"
 
 
 def _torch_incomplete(path: Path) -> str | None:
@@ -40,6 +42,9 @@ def _flax_incomplete(path: Path) -> str | None:
         return "orbax was still writing it when the run stopped"
     if (path / STATE_FILE).is_file():
         return None  # a torch checkpoint: complete, and check_compatible names the backend
+    if is_url(path) and not (path / ORBAX_COMMIT_FILE).is_file():
+        # Buckets have no atomic rename: orbax writes in place and commits with this file.
+        return f"no {ORBAX_COMMIT_FILE}: orbax was still writing it when the run stopped"
     if not ((path / FLAX_STATE_ITEM).is_dir() or (path / FLAX_META_ITEM).is_dir()):
         return f"no {FLAX_STATE_ITEM}/ or {FLAX_META_ITEM}/ inside"
     return None
@@ -53,21 +58,21 @@ _INCOMPLETE: dict[str, Callable[[Path], str | None]] = {
 
 def incomplete_reason(path: str | Path, backend: str = "torch") -> str | None:
     """Why `path` is not a finished checkpoint for `backend` to consider, or None if it is one."""
-    return _INCOMPLETE[backend](Path(path))
+    return _INCOMPLETE[backend](location(path))
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / f"checkpoint-{step}"
+    return location(output_dir) / f"checkpoint-{step}"
 
 
 def temp_dir(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / f".checkpoint-{step}.tmp"
+    return location(output_dir) / f".checkpoint-{step}.tmp"
 
 
 def complete_checkpoints(output_dir: str | Path, backend: str = "torch") -> list[tuple[int, Path]]:
     """(step, path) of every complete checkpoint, oldest first."""
     out = []
-    root = Path(output_dir)
+    root = location(output_dir)
     if not root.is_dir():
         return out
     for p in root.iterdir():
@@ -78,8 +83,8 @@ def complete_checkpoints(output_dir: str | Path, backend: str = "torch") -> list
 
 
 def read_state(path: str | Path) -> dict:
-    f = Path(path) / STATE_FILE
-    flax_f = Path(path) / FLAX_META_ITEM / STATE_FILE
+    f = location(path) / STATE_FILE
+    flax_f = location(path) / FLAX_META_ITEM / STATE_FILE
     if not f.is_file() and flax_f.is_file():
         f = flax_f
     try:
@@ -90,7 +95,7 @@ def read_state(path: str | Path) -> dict:
 
 def checkpoint_backend(path: str | Path) -> str | None:
     """Which backend wrote checkpoint folder `path` (by layout), or None if neither's."""
-    path = Path(path)
+    path = location(path)
     if (path / STATE_FILE).is_file():
         return "torch"
     if (path / FLAX_META_ITEM).is_dir() or (path / FLAX_STATE_ITEM).is_dir():
@@ -101,7 +106,7 @@ def checkpoint_backend(path: str | Path) -> str | None:
 def check_no_foreign_checkpoints(output_dir: str | Path, backend: str) -> None:
     """Refuse an output_dir holding the other backend's checkpoints: 'latest' could pick one, and
     a save of the same step would replace it."""
-    root = Path(output_dir)
+    root = location(output_dir)
     if not root.is_dir():
         return
     for p in sorted(root.iterdir()):
@@ -129,7 +134,7 @@ def newest_readable(output_dir: str | Path, backend: str = "torch") -> tuple[Pat
 
 def stale_temp_dirs(output_dir: str | Path) -> list[Path]:
     """`.checkpoint-N.tmp` folders: saves that a killed or failed run never finished."""
-    root = Path(output_dir)
+    root = location(output_dir)
     return sorted(root.glob(".checkpoint-*.tmp")) if root.is_dir() else []
 
 
@@ -155,6 +160,8 @@ def _disk_full(e: BaseException, folder: Path) -> bool:
     text = " ".join(str(x) for x in exception_chain(e))
     if "PytorchStreamWriter" not in text and "file write failed" not in text:
         return False
+    if is_url(folder):
+        return False
     try:
         return shutil.disk_usage(folder).free < 1 << 20
     except OSError:
@@ -177,7 +184,7 @@ def write_failed(
 ) -> UserError:
     """One line for a checkpoint (or, `what`, the final export) that could not be written: the
     real cause, what is still safe, and the fix for that cause."""
-    path = Path(path)
+    path = location(path)
     root = path.parent
     if _disk_full(error, root):
         reason, fix = "no space left on the device", "free space"
@@ -201,7 +208,7 @@ def write_failed(
 
 
 def write_state(path: str | Path, state: dict) -> None:
-    Path(path, STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    (location(path) / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 def resolve_resume(
@@ -218,7 +225,7 @@ def resolve_resume(
     if resume == "latest":
         found = complete_checkpoints(output_dir, backend)
         return found[-1][1] if found else None
-    candidates = [Path(resume), Path(output_dir) / Path(resume).name]
+    candidates = [location(resume), location(output_dir) / location(resume).name]
     for c in candidates:
         if c.is_dir():
             reason = incomplete_reason(c, backend)
@@ -252,11 +259,11 @@ def prune(output_dir: str | Path, limit: int | None, keep_room_for_one: bool = T
     found = complete_checkpoints(output_dir)
     excess = len(found) - (limit - 1 if keep_room_for_one else limit)
     for _, p in found[: max(excess, 0)]:
-        shutil.rmtree(p)
+        p.rmtree()
 
 
 def finalize(tmp: Path, final: Path) -> None:
-    """Atomically move a fully written checkpoint into place."""
+    """Atomically move a fully written checkpoint into place (local folders: the torch backend)."""
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

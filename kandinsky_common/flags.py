@@ -21,6 +21,7 @@ from kandinsky_common.errors import UserError
 from kandinsky_common.folders import user_path
 from kandinsky_common.lr_schedules import LR_SCHEDULER_NAMES
 from kandinsky_common.stage_spec import SPECS
+from kandinsky_common.storage import bucket_reachable, check_url, is_url
 
 LR_SCHEDULERS = LR_SCHEDULER_NAMES
 REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all", "none")
@@ -255,7 +256,10 @@ def resolve_paths(cfg: TrainConfig) -> None:
         return user_path(p)
 
     cfg.output_dir = user_path(cfg.output_dir)
-    cfg.logging_dir = os.path.join(cfg.output_dir, os.path.expanduser(cfg.logging_dir))
+    if is_url(cfg.logging_dir):
+        cfg.logging_dir = user_path(cfg.logging_dir)
+    else:
+        cfg.logging_dir = os.path.join(cfg.output_dir, os.path.expanduser(cfg.logging_dir))
     for name in (
         "train_data_dir",
         "embeddings_cache",
@@ -390,7 +394,7 @@ def validate(cfg: TrainConfig, stage: str) -> None:
             "--mesh_shape/--coordinator_address/--num_processes/--process_id are flax flags; "
             "the torch backend is launched with torchrun"
         )
-    _check_output_dir(Path(cfg.output_dir))
+    _check_storage(cfg)
 
 
 def _validate_dreambooth(cfg: TrainConfig) -> None:
@@ -417,6 +421,35 @@ def _validate_dreambooth(cfg: TrainConfig) -> None:
                 "--embeddings_cache does not take DreamBooth's paired instance and class batches; "
                 "drop it (a DreamBooth data set is small: the encoders cost little)"
             )
+
+
+def _check_storage(cfg: TrainConfig) -> None:
+    """gs:// URLs: a supported scheme, the flax backend (orbax writes to buckets; accelerate's
+    checkpoints are local files), a bucket that answers. Local output_dir: writable."""
+    urls = [
+        (flag, getattr(cfg, name))
+        for flag, name in (
+            ("--output_dir", "output_dir"),
+            ("--logging_dir", "logging_dir"),
+            ("--embeddings_cache", "embeddings_cache"),
+        )
+        if is_url(getattr(cfg, name))
+    ]
+    for flag, url in urls:
+        check_url(url, flag)
+        if cfg.backend != "flax":
+            raise UserError(
+                f"{flag} {url}: the torch backend writes to local folders; pass a local folder "
+                "(or a mounted bucket), or use --backend flax"
+            )
+    reached = set()
+    for flag, url in urls:
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        if bucket not in reached:
+            bucket_reachable(url, flag)
+            reached.add(bucket)
+    if not is_url(cfg.output_dir):
+        _check_output_dir(Path(cfg.output_dir))
 
 
 def _check_output_dir(out: Path) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from kandinsky_common.errors import UserError
+from kandinsky_common.storage import is_url, location
 
 # what each kind of Kandinsky 2.2 pipeline folder must hold
 SUBFOLDERS = {
@@ -41,12 +42,14 @@ def read_json(path: str | os.PathLike) -> dict:
 
 def user_path(path: str | os.PathLike) -> str:
     """A path as the user typed it (relative, `~`, spaces, symlinks kept), made absolute once:
-    also the argparse `type` of every path option of the scripts."""
+    also the argparse `type` of every path option of the scripts. A URL (gs://...) is kept."""
+    if is_url(path):
+        return str(path).rstrip("/")
     return os.path.abspath(os.path.expanduser(path))
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    location(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_config(folder: str | os.PathLike) -> dict:

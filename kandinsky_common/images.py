@@ -7,6 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from kandinsky_common.storage import is_url, location, staged_file
+
 
 def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
     cols = cols or len(images)
@@ -18,11 +20,11 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
     return grid
 
 
-def save_grid(images: list[Image.Image], path: str | Path, cols: int | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images, cols).save(path)
-    return path
+def save_grid(images: list[Image.Image], path: str | Path, cols: int | None = None):
+    """The grid as a PNG at `path` (a local path or a gs:// URL); returns where it is."""
+    with staged_file(path) as local:
+        make_grid(images, cols).save(local)
+    return location(path) if is_url(path) else Path(path)
 
 
 def save_images(images: list[Image.Image], out_dir: str | Path) -> list[Path]:

@@ -36,6 +36,7 @@ from kandinsky_common.preprocess import (
 )
 from kandinsky_common.row_order import EpochSampler
 from kandinsky_common.stage_spec import SPECS, StageSpec
+from kandinsky_common.storage import location
 
 
 @dataclass
@@ -254,7 +255,7 @@ def out_of_memory(cfg: TrainConfig, stage: str, what: str) -> UserError:
 def write_summary(out: Path, summary: dict, losses: list[float]) -> None:
     """train_summary.json, with the first and last loss of this invocation's updates. A resume
     that had nothing left to train keeps the losses the file already records."""
-    path = Path(out) / "train_summary.json"
+    path = location(out) / "train_summary.json"
     if losses:
         summary.update(loss_first=losses[0], loss_last=losses[-1])
     else:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from kandinsky_common.errors import UserError
+from kandinsky_common.storage import location
 
 
 class Tracker:
@@ -24,7 +25,7 @@ class Tracker:
         if report_to in ("tensorboard", "all"):
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-            Path(logging_dir).mkdir(parents=True, exist_ok=True)
+            location(logging_dir).mkdir(parents=True, exist_ok=True)
             self._tb = EventFileWriter(str(logging_dir))
         if report_to in ("wandb", "all"):
             try:

@@ -11,6 +11,7 @@ from kandinsky_common.checkpoints import read_state
 from kandinsky_common.errors import UserError, run_cli
 from kandinsky_common.folders import user_path
 from kandinsky_common.preemption import sigint_deferred
+from kandinsky_common.storage import is_url
 
 
 def main(argv=None):
@@ -26,6 +27,11 @@ def main(argv=None):
     p.error = lambda msg: (_ for _ in ()).throw(UserError(f"{msg} (see --help)"))
     a = p.parse_args(argv)
     backend = read_state(a.checkpoint).get("backend")
+    if backend != "flax" and is_url(a.output):
+        raise UserError(
+            f"--output {a.output}: a torch checkpoint exports to a local folder; pass one (and "
+            "copy it to the bucket afterwards)"
+        )
     with sigint_deferred():  # jaxlib's initialisation crashes (SIGSEGV) when interrupted
         if backend == "flax":
             from flax_kandinsky.export import export_checkpoint

@@ -7,6 +7,7 @@ Prior 25 steps and guidance 4, decoder guidance 4, as diffusers' combined pipeli
 """
 
 import argparse
+import contextlib
 import re
 import shlex
 import sys
@@ -31,8 +32,9 @@ def check_checkpoint(a) -> None:
     the one route that works for both: export the checkpoint, sample the exported folder."""
     from kandinsky_common.checkpoints import checkpoint_backend, read_state
     from kandinsky_common.stage_spec import SPECS
+    from kandinsky_common.storage import location
 
-    path = Path(a.checkpoint)
+    path = location(a.checkpoint)
     written_by = checkpoint_backend(path) if path.is_dir() else None
     if a.backend == "flax" and written_by != "torch":
         return  # a flax checkpoint, or the flax loader names what is wrong with the folder
@@ -180,21 +182,30 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.size < 1 or a.steps < 1:
         raise UserError(f"--size {a.size} and --steps {a.steps} must be positive")
-    if a.checkpoint is not None:
-        check_checkpoint(a)
-    check_lora(a)
-    if a.backend == "torch":
-        images = torch_images(a)
-    else:
-        if a.attention == "chunked":
-            with sigint_deferred():
-                from flax_kandinsky.sampling import use_cpu_low_memory_schedule
-            use_cpu_low_memory_schedule()
-        images = flax_images(a)
+    from kandinsky_common.storage import fetched_folder, is_url, location, staged_folder
+
+    with contextlib.ExitStack() as downloads:
+        # folders in a bucket (a pod's exported run) are read from a local copy
+        for flag in ("prior", "decoder", "prior_lora", "decoder_lora"):
+            if is_url(getattr(a, flag)):
+                setattr(a, flag, str(downloads.enter_context(fetched_folder(getattr(a, flag)))))
+        if a.checkpoint is not None:
+            check_checkpoint(a)
+        check_lora(a)
+        if a.backend == "torch":
+            images = torch_images(a)
+        else:
+            if a.attention == "chunked":
+                with sigint_deferred():
+                    from flax_kandinsky.sampling import use_cpu_low_memory_schedule
+                use_cpu_low_memory_schedule()
+            images = flax_images(a)
     from kandinsky_common.images import save_images
 
-    for path in save_images(images, a.out):
-        print(path)
+    with staged_folder(a.out) as out:
+        written = save_images(images, out)
+    for path in written:
+        print(location(a.out) / path.name if is_url(a.out) else path)
 
 
 if __name__ == "__main__":

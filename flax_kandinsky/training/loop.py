@@ -8,7 +8,6 @@ run holds (failing on user input before output_dir is touched, the step compiled
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +15,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from flax_kandinsky import sharding as sh
 from flax_kandinsky.checkpoint import CheckpointStore
+from flax_kandinsky.hosts import agreed, check_shared, init_distributed
 from flax_kandinsky.sampling import memory_failure
 from flax_kandinsky.stages import make_stage
 from flax_kandinsky.training.optim import LRSchedule, make_optimizer
@@ -42,19 +43,8 @@ from kandinsky_common.hub import check_hub, push_folder
 from kandinsky_common.preemption import PreemptionGuard
 from kandinsky_common.prefetch import Prefetcher
 from kandinsky_common.run import NOTHING_LEFT, RunPlan, out_of_memory, plan_run, write_summary
+from kandinsky_common.storage import location
 from kandinsky_common.tracking import Tracker
-
-
-def init_distributed(cfg: TrainConfig) -> None:
-    """Multi-host: explicit flags, or a TPU pod's own environment. Single host: nothing."""
-    if cfg.coordinator_address or cfg.num_processes:
-        jax.distributed.initialize(
-            coordinator_address=cfg.coordinator_address,
-            num_processes=cfg.num_processes,
-            process_id=cfg.process_id,
-        )
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize()
 
 
 def host_batches(plan: RunPlan, stage, first_update: int, shape: tuple[int, ...]):
@@ -79,14 +69,6 @@ def device_batches(mesh, batches):
     for update, batch, noise, timesteps in batches:
         g = sh.global_batch(mesh, {"batch": batch, "noise": noise, "t": timesteps})
         yield update, g["batch"], g["noise"], g["t"]
-
-
-def _agreed(requested: bool) -> bool:
-    """Every process stops at the same update if any of them was asked to (a SIGTERM reaches
-    the hosts of a pod at slightly different times)."""
-    if jax.process_count() == 1:
-        return requested
-    return bool(np.any(multihost_utils.process_allgather(np.array([requested]))))
 
 
 def _gather_to_host(tree):
@@ -137,8 +119,8 @@ class Run:
     main: bool = field(default_factory=lambda: jax.process_index() == 0)
 
     @property
-    def out(self) -> Path:
-        return Path(self.cfg.output_dir)
+    def out(self) -> epath.Path:
+        return location(self.cfg.output_dir)
 
     def weights(self):
         """The weights to validate or export (EMA when kept), as numpy on every process."""
@@ -245,7 +227,7 @@ def open_tracker(cfg: TrainConfig) -> Tracker | None:
     # logs/ shows runs of both backends side by side.
     return Tracker(
         cfg.report_to,
-        Path(cfg.logging_dir) / cfg.tracker_project_name,
+        location(cfg.logging_dir) / cfg.tracker_project_name,
         cfg.tracker_project_name,
         tracker_cfg,
     )
@@ -320,7 +302,7 @@ def run_updates(run: Run, progress: Progress, validator: Validator) -> str | Non
                 run.global_step = update + 1
                 progress.dispatched(run.global_step, metrics)
                 due = run.global_step % cfg.checkpointing_steps == 0
-                stop = _agreed(guard.requested)
+                stop = agreed(guard.requested)
                 if due or run.global_step == plan.max_train_steps or stop:
                     progress.flush()
                     extra = {"skipped_updates": run.skipped} if cfg.skip_nonfinite_updates else {}
@@ -388,6 +370,7 @@ def finish(run: Run, progress: Progress, validator: Validator, stopped_by: str |
 def train(cfg: TrainConfig, stage_name: str) -> dict:
     """Run a whole training job; returns a summary (losses, paths). Raises UserError early."""
     configure_jax(cfg)
+    check_shared(cfg)
     run = set_up(cfg, stage_name)
     tracker = None
     if run.main:
