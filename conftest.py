@@ -41,3 +41,26 @@ def sample_dataset(tmp_path_factory) -> Path:
     from kandinsky_fixtures.sample_data import build_sample_dataset
 
     return build_sample_dataset(tmp_path_factory.mktemp("sample_dataset"), n=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A GCS emulator on loopback for the whole session, its environment set in this process
+    (so gcsfs here reads what the scripts write) and inherited by the scripts it starts. Yields
+    the emulator; tests write under `gs://{gcs.bucket}/<their own prefix>`."""
+    from kandinsky_fixtures.gcs_emulator import GcsEmulator
+
+    with GcsEmulator(tmp_path_factory.mktemp("gcs")) as emulator:
+        saved = {k: os.environ.get(k) for k in emulator.env}
+        os.environ.update(emulator.env)
+        import fsspec.config
+
+        fsspec.config.conf.setdefault("gs", {})["batch_size"] = 4  # env read at import: set here
+        try:
+            yield emulator
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

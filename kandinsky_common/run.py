@@ -117,14 +117,16 @@ class RunPlan:
         self,
         encode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
         *,
-        is_main: bool,
+        process_index: int,
+        process_count: int,
         barrier: Callable[[], None],
     ) -> None:
-        """Fill (on the main process) and then use the encode-once cache.
+        """Fill (every process its share of the blocks) and then use the encode-once cache.
 
         `encode` maps a preprocessed numpy batch to encoder outputs in the reference layout (a
         batch of captions alone to the stage's caption keys). A caption column of lists caches
-        every caption, and each epoch reads the one the uncached run would draw.
+        every caption, and each epoch reads the one the uncached run would draw. Every process
+        calls it: `barrier` waits for all of them.
         """
         cfg = self.cfg
         feature = self.dataset.features.get(cfg.caption_column) if self.spec.uses_captions else None
@@ -153,19 +155,18 @@ class RunPlan:
         }
         if captions is not None:  # only then: caches of one caption per image stay current
             parts["captions"] = sha256(captions.counts.tobytes()).hexdigest()
-        folder = Path(cfg.embeddings_cache).expanduser()
-        if is_main:
-            fill_cache(
-                folder,
-                fingerprint(parts),
-                len(self.dataset),
-                self.sampler.per_process_batch,
-                # With lists, the rows' images alone: their captions are encoded one by one.
-                lambda rows: encode(self.builder(rows, 0, with_captions=captions is None)),
-                captions=captions,
-            )
-        barrier()
-        self.cache = EmbeddingCache(folder, "r")
+        self.cache = fill_cache(
+            cfg.embeddings_cache,  # a local folder or a gs:// URL: fill_cache takes both
+            fingerprint(parts),
+            len(self.dataset),
+            self.sampler.per_process_batch,
+            # With lists, the rows' images alone: their captions are encoded one by one.
+            lambda rows: encode(self.builder(rows, 0, with_captions=captions is None)),
+            captions=captions,
+            process_index=process_index,
+            process_count=process_count,
+            barrier=barrier,
+        )
 
     def state(self, global_step: int, **extra) -> dict:
         """training_state.json of a checkpoint taken after `global_step` updates; with the run's

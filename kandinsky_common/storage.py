@@ -15,15 +15,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import fsspec
+import fsspec.config
 from etils import epath
 
 from kandinsky_common.errors import UserError
+
+# Other hosts (and orbax, through tensorstore) write to the bucket behind gcsfs's back: a cached
+# listing would hide their checkpoints, cache blocks and markers.
+fsspec.config.conf.setdefault("gs", {})["use_listings_cache"] = False
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # Schemes whose objects every host of a pod sees (fsspec implementations that epath routes).
@@ -106,10 +113,19 @@ def fetched_folder(path: str | os.PathLike) -> Iterator[Path]:
     if not root.is_dir():
         raise UserError(f"{path} is not a folder in the bucket")
     with tempfile.TemporaryDirectory(prefix="kandinsky-download-") as tmp:
-        for p in root.rglob("*"):
-            if p.is_file():
-                target = Path(tmp, os.path.relpath(str(p), str(root)))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with p.open("rb") as src, target.open("wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 24)
+        for rel in files_under(path):
+            target = Path(tmp, rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with (root / rel).open("rb") as src, target.open("wb") as out:
+                shutil.copyfileobj(src, out, 1 << 24)
         yield Path(tmp)
+
+
+def files_under(path: str | os.PathLike) -> list[str]:
+    """Every file below a folder or bucket prefix, as sorted relative POSIX paths (epath's
+    rglob refuses `**` on buckets)."""
+    if not is_url(path):
+        root = Path(path)
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    fs, prefix = fsspec.core.url_to_fs(str(path).rstrip("/"))
+    return sorted(posixpath.relpath(f, prefix) for f in fs.find(prefix))

@@ -39,6 +39,7 @@ class Case:
     words: tuple[str, ...]
     backends: tuple[str, ...] = BOTH
     stage: str = "prior"
+    needs_gcs: bool = False  # the case names a bucket: run with the GCS emulator up
 
 
 @dataclass
@@ -248,6 +249,32 @@ CASES = [
         ("backend", "--output_dir"),
     ),
 ]
+CASES += [
+    Case(
+        "output_dir in a bucket on torch",
+        lambda c: {"output_dir": "gs://kandinsky-test/run"},
+        ("torch backend writes to local folders", "--backend flax"),
+        backends=("torch",),
+    ),
+    Case(
+        "embeddings cache in a bucket on torch",
+        lambda c: {"embeddings_cache": "gs://kandinsky-test/cache"},
+        ("--embeddings_cache", "--backend flax"),
+        backends=("torch",),
+    ),
+    Case(
+        "output_dir URL of an unsupported store",
+        lambda c: {"output_dir": "s3://bucket/run"},
+        ("s3:// is not supported", "gs:// URL"),
+    ),
+    Case(
+        "output_dir in a bucket that does not exist",
+        lambda c: {"output_dir": "gs://no-such-bucket/run"},
+        ("bucket gs://no-such-bucket does not exist", "create it"),
+        backends=("flax",),
+        needs_gcs=True,
+    ),
+]
 PARAMS = [
     pytest.param(case, backend, id=f"{case.name.replace(' ', '_')}-{backend}")
     for case in CASES
@@ -266,7 +293,9 @@ def _fails(capsys, stage: str, args: list[str]) -> str:
 
 
 @pytest.mark.parametrize("case,backend", PARAMS)
-def test_bad_input(case, backend, tiny_folders, sample_dataset, tmp_path, capsys):
+def test_bad_input(case, backend, tiny_folders, sample_dataset, tmp_path, capsys, request):
+    if case.needs_gcs:
+        request.getfixturevalue("gcs")
     ctx = Ctx(tmp_path, *tiny_folders, sample_dataset, backend)
     ctx.out.mkdir()
     (ctx.out / "keep.txt").write_text("the user's own file")

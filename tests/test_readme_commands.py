@@ -184,3 +184,41 @@ def test_dreambooth_command_as_printed(tmp_path, tiny_folders, sample_dataset):
     _run([*words, *small], home)
     assert len(list((home / "dog-class").glob("*.png"))) == 2
     assert (home / "dog-decoder-lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_pod_command_as_printed_on_a_bucket(gcs, tmp_path, tiny_folders, sample_dataset):
+    """The README's TPU pod line, run on one host: its python command as printed (the venv of a
+    clean copy), the bucket on the GCS emulator; run, then run again (it resumes latest), and
+    the bucket holds the checkpoints, the cache, the exported folder and the logs."""
+    import fsspec
+    from etils import epath
+
+    from kandinsky_common.storage import files_under
+
+    home = _readme_folders(_clean_copy(tmp_path / "kandinsky"), tiny_folders, sample_dataset)
+    (ssh,) = _commands("## Usage", "gcloud compute tpus tpu-vm ssh")
+    remote = next(w.split("=", 1)[1] for w in ssh if w.startswith("--command="))
+    cd, command = remote.split(" && ", 1)
+    assert cd == "cd kandinsky"
+    words = shlex.split(command)
+    assert words[:2] == [".venv/bin/python", "scripts/train_text_to_image_decoder.py"]
+    out = next(w.split("=", 1)[1] for w in words if w.startswith("--output_dir="))
+    cache = next(w.split("=", 1)[1] for w in words if w.startswith("--embeddings_cache="))
+    bucket = out.split("/")[2]
+    fs = fsspec.filesystem("gs")
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    _run(
+        [*words, "--max_train_steps", "2", "--checkpointing_steps", "1", "--resolution", "64"], home
+    )
+    proc = _run([*words, "--max_train_steps", "3", "--resolution", "64"], home)
+    assert f"resumed from {out}/checkpoint-2 at update 2" in proc.stdout
+    root = epath.Path(out)
+    assert (root / "unet" / "config.json").is_file() and (root / "model_index.json").is_file()
+    assert [p.name for p in sorted(root.glob("checkpoint-*"))] == [
+        "checkpoint-1",
+        "checkpoint-2",
+        "checkpoint-3",
+    ]
+    assert (epath.Path(cache) / "manifest.json").is_file()
+    assert any("events.out.tfevents." in f for f in files_under(f"{out}/logs"))

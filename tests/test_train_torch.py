@@ -153,10 +153,11 @@ def test_torchrun_nonfinite_loss_on_one_process_stops_both(tiny_folders, sample_
     flags = dict(report_to="none", backend="torch", embeddings_cache=cache, train_batch_size=1)
     fill = train_args(prior, decoder, sample_dataset, tmp_path / "fill", max_train_steps=1, **flags)
     assert main("prior", fill) == 0
-    embeds = np.load(cache / "image_embeds.npy", mmap_mode="r+")
-    embeds[len(embeds) // 2] = np.nan
-    embeds.flush()
-    del embeds
+    # 32 rows: blocks of one row each; row 16 becomes NaN
+    block = cache / "blocks" / "image_embeds" / "000016.npy"
+    embeds = np.load(block)
+    embeds[0] = np.nan
+    np.save(block, embeds)
 
     out = tmp_path / "out"
     args = train_args(

@@ -154,12 +154,22 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
     )
     graphdefs, params, consts = split_stage(stage)
     if cfg.embeddings_cache:
+        # Each process encodes its own blocks on its own devices, the batch split among them: a
+        # mesh of the local devices keeps every array fully addressable by this process alone.
+        local = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
+        rows = jax.sharding.NamedSharding(local, jax.sharding.PartitionSpec("batch"))
+        frozen = jax.device_put(
+            {k: consts[k] for k in stage.frozen},
+            jax.sharding.NamedSharding(local, jax.sharding.PartitionSpec()),
+        )
         encode = jax.jit(lambda c, b: stage.to_torch_layout(encode_frozen(stage, graphdefs, c, b)))
         plan.use_cache(
-            lambda batch: jax.tree.map(np.asarray, encode(consts, batch)),
-            is_main=jax.process_index() == 0,
+            lambda batch: jax.tree.map(np.asarray, encode(frozen, jax.device_put(batch, rows))),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
             barrier=lambda: multihost_utils.sync_global_devices("embeddings_cache"),
         )
+        del frozen
         consts = {"model_rest": consts["model_rest"]}  # the encoders never reach the devices
     schedule = LRSchedule(cfg, plan.max_train_steps)
     tx = make_optimizer(cfg, plan.max_train_steps, schedule=schedule)

@@ -146,7 +146,8 @@ def set_up(cfg: TrainConfig, stage_name: str, accelerator: Accelerator) -> Run:
     if cfg.embeddings_cache:
         plan.use_cache(
             lambda batch: _encode_numpy(stage, batch, accelerator.device),
-            is_main=accelerator.is_main_process,
+            process_index=accelerator.process_index,
+            process_count=accelerator.num_processes,
             barrier=accelerator.wait_for_everyone,
         )
     model = stage.model
