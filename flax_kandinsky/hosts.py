@@ -41,7 +41,7 @@ def agreed(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
-def _blind_processes(folder: str) -> list[int]:
+def _blind_processes(folder: str, flag: str) -> list[int]:
     """Processes that cannot see the marker process 0 writes in `folder` (all processes call)."""
     # one token for all: a marker left on a host's own disk by another run does not count
     token = int(multihost_utils.broadcast_one_to_all(np.int64(secrets.randbits(62))))
@@ -51,13 +51,14 @@ def _blind_processes(folder: str) -> list[int]:
     if jax.process_index() == 0:
         root.mkdir(parents=True, exist_ok=True)
         marker.write_text(str(token))
-    multihost_utils.sync_global_devices(f"shared storage check {folder}")
+    # named by the flag: each host's path may read differently (a `~` of its own)
+    multihost_utils.sync_global_devices(f"shared storage check {flag}")
     try:
         seen = marker.read_text() == str(token)
     except OSError:
         seen = False
     flags = multihost_utils.process_allgather(np.array([seen]))
-    multihost_utils.sync_global_devices(f"shared storage check done {folder}")
+    multihost_utils.sync_global_devices(f"shared storage check done {flag}")
     if jax.process_index() == 0:
         marker.unlink(missing_ok=True)
         if created and not any(root.iterdir()):
@@ -76,7 +77,7 @@ def check_shared(cfg) -> None:
     ):
         if not folder:
             continue
-        blind = _blind_processes(folder)
+        blind = _blind_processes(folder, flag)
         if blind:
             which = ", ".join(map(str, blind))
             raise UserError(
