@@ -202,17 +202,31 @@ class CheckpointStore:
         if self._closed:
             raise RuntimeError("CheckpointStore is closed")
         if self._manager is None:
+            bucket = is_url(self.output_dir)
+            if bucket:
+                self._remove_uncommitted()
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=self.max_to_keep,
                 step_name_format=_NAME_FORMAT,
                 enable_async_checkpointing=self.async_save,
-                cleanup_tmp_directories=True,
+                # In a bucket orbax takes every folder without commit_success.txt for a tmp
+                # checkpoint, the run's logs/, validation/ and pipeline folder included.
+                cleanup_tmp_directories=not bucket,
                 create=True,
             )
             self._manager = ocp.CheckpointManager(
                 epath.Path(self.output_dir), options=options, handler_registry=_handler_registry()
             )
         return self._manager
+
+    def _remove_uncommitted(self) -> None:
+        """checkpoint-N folders in a bucket that a killed run left without orbax's commit file."""
+        if jax.process_index() != 0 or not self.output_dir.is_dir():
+            return
+        for p in self.output_dir.iterdir():
+            if _NAME.match(p.name) and ck.incomplete_reason(p, BACKEND) is not None:
+                log.warning("removing %s: a save that never completed", p)
+                p.rmtree(missing_ok=True)
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Checkpoint `state` (a PyTree of jax.Array, any sharding) and `meta` as step `step`.

@@ -350,7 +350,7 @@ def _encode_blocks(blocks, num_rows, batch_size, encode_rows, captions) -> list[
     entries = np.concatenate([np.arange(offsets[r], offsets[r + 1]) for r in rows])
     choices = entries - np.repeat(offsets[rows], counts)
     text = _encode_padded(captions.encode, batch_size, np.repeat(rows, counts), choices)
-    entry_cuts = np.cumsum([counts[:c].sum() for c in np.cumsum([len(s) for s in spans])])[:-1]
+    entry_cuts = [int(counts[:c].sum()) for c in np.cumsum([len(s) for s in spans])[:-1]]
     for k, v in text.items():
         for i, piece in enumerate(np.split(v, entry_cuts)):
             per_block[i][k] = piece

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from hashlib import sha256
@@ -155,6 +156,7 @@ class RunPlan:
         }
         if captions is not None:  # only then: caches of one caption per image stay current
             parts["captions"] = sha256(captions.counts.tobytes()).hexdigest()
+        encoded, start = [0], time.perf_counter()
         self.cache = fill_cache(
             cfg.embeddings_cache,  # a local folder or a gs:// URL: fill_cache takes both
             fingerprint(parts),
@@ -166,7 +168,14 @@ class RunPlan:
             process_index=process_index,
             process_count=process_count,
             barrier=barrier,
+            progress=lambda n: encoded.__setitem__(0, encoded[0] + n),
         )
+        if encoded[0]:
+            print(
+                f"embeddings cache {cfg.embeddings_cache}: process {process_index} of "
+                f"{process_count} encoded {encoded[0]} rows; filled in "
+                f"{time.perf_counter() - start:.1f} s"
+            )
 
     def state(self, global_step: int, **extra) -> dict:
         """training_state.json of a checkpoint taken after `global_step` updates; with the run's

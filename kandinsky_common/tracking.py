@@ -7,13 +7,16 @@ The torch backend uses accelerate's trackers; the flax backend uses this, with t
 from __future__ import annotations
 
 import io
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from kandinsky_common.errors import UserError
-from kandinsky_common.storage import location
+from kandinsky_common.storage import is_url, location, upload_folder
+
+UPLOAD_SECONDS = 60.0  # how stale the bucket's copy of the events may get
 
 
 class Tracker:
@@ -25,6 +28,13 @@ class Tracker:
         if report_to in ("tensorboard", "all"):
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+            self._remote, self._uploaded = None, 0.0
+            if is_url(logging_dir):
+                # gcsfs cannot append, and tensorboard's writer appends at every flush: write the
+                # events locally and copy the file to the bucket now and then and at the end
+                self._remote = str(logging_dir)
+                self._staging = tempfile.TemporaryDirectory(prefix="kandinsky-events-")
+                logging_dir = self._staging.name
             location(logging_dir).mkdir(parents=True, exist_ok=True)
             self._tb = EventFileWriter(str(logging_dir))
         if report_to in ("wandb", "all"):
@@ -45,6 +55,13 @@ class Tracker:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         self._tb.add_event(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
+        if self._remote is not None and time.monotonic() - self._uploaded > UPLOAD_SECONDS:
+            self._upload()
+
+    def _upload(self) -> None:
+        self._tb.flush()
+        upload_folder(Path(self._staging.name), self._remote)
+        self._uploaded = time.monotonic()
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self._tb is not None:
@@ -77,5 +94,8 @@ class Tracker:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            if self._remote is not None:
+                upload_folder(Path(self._staging.name), self._remote)
+                self._staging.cleanup()
         if self._wandb is not None:
             self._wandb.finish()

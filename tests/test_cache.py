@@ -75,12 +75,12 @@ def test_stale_cache_is_rebuilt(tmp_path):
         return {"x": np.stack([np.full(3, r, np.float32) for r in rows])}
 
     cache = fill_cache(tmp_path / "c", "fp-1", 10, 4, encode)
-    # 10 rows: blocks of one row, each encoded as one chunk padded to the batch
-    assert calls == [4] * 10 and cache.read(np.array([9, 0]))["x"][:, 0].tolist() == [9, 0]
+    # 10 rows: blocks of one row, encoded four at a time (the last chunk padded to the batch)
+    assert calls == [4] * 3 and cache.read(np.array([9, 0]))["x"][:, 0].tolist() == [9, 0]
     fill_cache(tmp_path / "c", "fp-1", 10, 4, encode)
-    assert calls == [4] * 10  # complete and current: nothing encoded
+    assert calls == [4] * 3  # complete and current: nothing encoded
     fill_cache(tmp_path / "c", "fp-2", 10, 4, encode)
-    assert calls == [4] * 20  # another fingerprint: rebuilt
+    assert calls == [4] * 6  # another fingerprint: rebuilt
 
 
 def test_older_format_cache_is_rebuilt(tmp_path, capsys):
@@ -228,6 +228,12 @@ def test_cache_reads_each_rows_drawn_caption(tmp_path):
     out = c.read(np.array([2, 1, 1, 0]), np.array([1, 2, 0, 0]))
     assert out["txt"][:, 0].tolist() == [21, 12, 10, 0]
     assert out["img"][:, 0].tolist() == [2, 1, 1, 0]
+    # one-row blocks encoded several to a chunk: each block keeps its own rows' captions
+    many = CaptionEntries(counts=1 + np.arange(9) % 3, keys=("txt",), encode=encode_captions)
+    c = fill_cache(tmp_path / "d", "fp", 9, 8, encode_rows, captions=many)
+    rows = np.repeat(np.arange(9), many.counts)
+    choices = np.concatenate([np.arange(n) for n in many.counts])
+    assert c.read(rows, choices)["txt"][:, 0].tolist() == (10 * rows + choices).tolist()
 
 
 def test_caption_blocks_hold_their_rows_entries(tmp_path):

@@ -76,7 +76,10 @@ def test_export_logs_images_and_cache_in_the_bucket(bucket_run):
     assert "prior/diffusion_pytorch_model.safetensors" in files
     assert "prior/config.json" in files and "tokenizer/vocab.json" in files
     assert "validation/step-000003.png" in files
-    assert any(f.startswith("logs/text2image-fine-tune/events.out.tfevents") for f in files)
+    events = [f for f in files if f.startswith("logs/text2image-fine-tune/events.out.tfevents")]
+    assert len(events) == 2  # one per run, each whole (gcsfs cannot append: uploaded copies)
+    losses = [epath.Path(bucket_run["out"], f).read_bytes().count(b"train_loss") for f in events]
+    assert sorted(losses) == [1, 2]  # updates 1-2, then the resumed update 3
     assert "manifest.json" in _files(bucket_run["cache"])
     # the second run read the cache the first one filled: nothing was encoded again
     assert "encod" not in bucket_run["second"].stderr.lower()

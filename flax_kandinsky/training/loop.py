@@ -370,8 +370,6 @@ def finish(run: Run, progress: Progress, validator: Validator, stopped_by: str |
         write_summary(out, summary, progress.losses)
         summary["losses"] = progress.losses  # in-process callers (tests) get every update's loss
         summary["update_seconds"] = np.diff([progress.t0, *progress.done]).tolist()
-        if progress.tracker is not None:
-            progress.tracker.close()
         if cfg.push_to_hub:
             push_folder(cfg)
     return summary
@@ -388,5 +386,9 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
         tracker = open_tracker(cfg)
     progress = Progress(run, tracker)
     validator = Validator(cfg, run.stage)
-    stopped_by = run_updates(run, progress, validator)
-    return finish(run, progress, validator, stopped_by)
+    try:
+        stopped_by = run_updates(run, progress, validator)
+        return finish(run, progress, validator, stopped_by)
+    finally:
+        if tracker is not None:  # also after a stop or a failure: the logs so far are kept
+            tracker.close()
