@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kandinsky_common.errors import UserError
+from kandinsky_common.storage import files_under, is_url, location
 
 if TYPE_CHECKING:
     import datasets
@@ -144,7 +145,43 @@ def _looks_like_hub_name(name: str) -> bool:
     return not name.startswith((".", "/", "~")) and name.count("/") <= 1
 
 
+def _load_url(name: str, config_name: str | None, cache_dir: str | None) -> datasets.Dataset:
+    """A dataset in a bucket (a save_to_disk folder, or parquet files under the prefix), read
+    from a local copy: datasets' offline mode refuses remote files, and the arrow files it maps
+    must stay for the whole run. The copy lives under the datasets cache, one per URL, and a
+    file already there with the bucket's size is not fetched again."""
+    import hashlib
+
+    local = Path(
+        cache_dir or os.path.expanduser("~/.cache/kandinsky_finetune/datasets"),
+        "gs-" + hashlib.sha256(name.encode()).hexdigest()[:16],
+    )
+    try:
+        files = files_under(name)
+        for rel in files:
+            target, source = local / rel, location(name) / rel
+            if target.is_file() and target.stat().st_size == source.stat().length:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+    except Exception as e:  # credentials, network, a missing bucket: the library's words
+        raise UserError(f"--dataset_name {name!r} cannot be read ({_brief(e)})") from e
+    if _is_saved_to_disk(local):
+        return _load_saved(local, config_name)
+    parquet = sorted(str(local / f) for f in files if f.endswith(".parquet"))
+    if not parquet:
+        raise UserError(
+            f"--dataset_name {name!r} holds no parquet files and no save_to_disk folder; point it "
+            "at one of those (datasets' to_parquet or save_to_disk write them)"
+        )
+    what = f"--dataset_name {name!r}"
+    loaded = _call_load("parquet", None, cache_dir, what, data_files={"train": parquet})
+    return _train_split(loaded, name)
+
+
 def _load_named(name: str, config_name: str | None, cache_dir: str | None) -> datasets.Dataset:
+    if is_url(name):
+        return _load_url(name, config_name, cache_dir)
     path = Path(name).expanduser()
     if path.is_dir():
         if _is_saved_to_disk(path):
@@ -195,7 +232,7 @@ def _is_saved_to_disk(path: Path) -> bool:
     return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
 
 
-def _load_saved(path: Path, config_name: str | None) -> datasets.Dataset:
+def _load_saved(path: Path | str, config_name: str | None) -> datasets.Dataset:
     if config_name:
         raise UserError(
             f"--dataset_config_name {config_name!r} does not apply to {str(path)!r}, a folder "

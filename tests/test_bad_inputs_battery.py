@@ -274,6 +274,12 @@ CASES += [
         backends=("flax",),
         needs_gcs=True,
     ),
+    Case(
+        "dataset in a bucket prefix without data",
+        lambda c: {"dataset_name": "gs://kandinsky-test/nothing-here", "train_data_dir": None},
+        ("holds no parquet files", "save_to_disk"),
+        needs_gcs=True,
+    ),
 ]
 PARAMS = [
     pytest.param(case, backend, id=f"{case.name.replace(' ', '_')}-{backend}")

@@ -104,3 +104,24 @@ def test_export_checkpoint_and_generate_from_the_bucket(bucket_run, gcs, tiny_fo
     )  # fmt: skip
     assert "000.png" in _files(images)
     assert (tmp_path / "from-ckpt" / "000.png").is_file()
+
+
+@pytest.mark.parametrize("layout", ["parquet", "save_to_disk"])
+def test_dataset_from_the_bucket(layout, gcs, tiny_folders, sample_dataset, tmp_path):
+    """--dataset_name gs://...: parquet files under a prefix, or a save_to_disk folder."""
+    import datasets
+
+    prior, decoder = tiny_folders
+    data = datasets.load_dataset("imagefolder", data_dir=str(sample_dataset), split="train")
+    url = f"gs://{gcs.bucket}/data-{layout}"
+    if layout == "parquet":
+        local = tmp_path / "train-00000.parquet"
+        data.to_parquet(str(local))
+        epath.Path(url, "train", local.name).write_bytes(local.read_bytes())
+    else:
+        data.save_to_disk(url)
+    out = tmp_path / "out"
+    args = train_args(prior, decoder, None, out, max_train_steps=1, backend="flax")
+    proc = run_script("train_text_to_image_prior.py", *args, "--dataset_name", url)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["updates"] == 1, proc.stdout
