@@ -186,9 +186,10 @@ def main(argv=None):
 
     with contextlib.ExitStack() as downloads:
         # folders in a bucket (a pod's exported run) are read from a local copy
-        for flag in ("prior", "decoder", "prior_lora", "decoder_lora"):
-            if is_url(getattr(a, flag)):
-                setattr(a, flag, str(downloads.enter_context(fetched_folder(getattr(a, flag)))))
+        # (orbax reads --checkpoint from the bucket itself; --out is uploaded below)
+        for flag, value in list(vars(a).items()):
+            if flag not in ("checkpoint", "out") and is_url(value):
+                setattr(a, flag, str(downloads.enter_context(fetched_folder(value))))
         if a.checkpoint is not None:
             check_checkpoint(a)
         check_lora(a)
