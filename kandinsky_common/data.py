@@ -160,10 +160,13 @@ def _load_url(name: str, config_name: str | None, cache_dir: str | None) -> data
         files = files_under(name)
         for rel in files:
             target, source = local / rel, location(name) / rel
-            if target.is_file() and target.stat().st_size == source.stat().length:
+            stat = source.stat()
+            seen = target.stat() if target.is_file() else None
+            if seen and (seen.st_size, int(seen.st_mtime)) == (stat.length, int(stat.mtime)):
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(source.read_bytes())
+            os.utime(target, (stat.mtime, stat.mtime))  # the bucket's time: a changed file differs
     except Exception as e:  # credentials, network, a missing bucket: the library's words
         raise UserError(f"--dataset_name {name!r} cannot be read ({_brief(e)})") from e
     if _is_saved_to_disk(local):

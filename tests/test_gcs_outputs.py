@@ -112,7 +112,11 @@ def test_dataset_from_the_bucket(layout, gcs, tiny_folders, sample_dataset, tmp_
     import datasets
 
     prior, decoder = tiny_folders
+    from datasets.table import embed_table_storage
+
     data = datasets.load_dataset("imagefolder", data_dir=str(sample_dataset), split="train")
+    # the images' bytes into the table (an imagefolder's rows name local files)
+    data = data.with_format("arrow").map(embed_table_storage, batched=True).with_format(None)
     url = f"gs://{gcs.bucket}/data-{layout}"
     if layout == "parquet":
         local = tmp_path / "train-00000.parquet"
