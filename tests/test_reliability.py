@@ -98,7 +98,9 @@ def _kill_when(args: list[str], out: Path, moment, timeout: float = 300) -> set[
 def _damage_newest(out: Path, backend: str) -> Path:
     """Truncate the biggest array file of the newest checkpoint (an interrupted copy/sync)."""
     newest = ck.complete_checkpoints(out, backend)[-1][1]
-    files = [p for p in newest.rglob("*") if p.is_file() and p.suffix not in (".json", ".txt")]
+    files = [
+        p for p in Path(newest).rglob("*") if p.is_file() and p.suffix not in (".json", ".txt")
+    ]
     victim = max(files, key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[:100])
     return newest
