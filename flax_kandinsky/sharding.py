@@ -93,3 +93,12 @@ def global_batch(mesh: Mesh, local, leading: int = 1):
         # time, which the prefetch thread takes from the cores running the step).
         return jax.device_put(local, sharding)
     return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), local)
+
+
+def global_replicated(mesh: Mesh, tree):
+    """Host values every process holds alike (a pytree of numpy) -> replicated jax.Arrays."""
+    sharding = replicated(mesh)
+    tree = jax.tree.map(np.asarray, tree)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), tree)

@@ -28,8 +28,14 @@ from jax.sharding import Mesh
 
 from flax_kandinsky import sharding as sh
 from flax_kandinsky.stages import STAGES, Stage
-from flax_kandinsky.training.optim import make_optimizer
-from flax_kandinsky.training.step import abstract_inputs, init_state, make_train_step, split_stage
+from flax_kandinsky.training.optim import LRSchedule, hyperparameters, make_optimizer
+from flax_kandinsky.training.step import (
+    abstract_inputs,
+    init_state,
+    make_train_step,
+    split_stage,
+    step_hyperparameters,
+)
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig
 from kandinsky_common.lora import LoraSettings
@@ -132,19 +138,12 @@ def lower_step(spec: PlanSpec, mesh: Mesh):
     tx = make_optimizer(cfg, 1000)
     state = jax.eval_shape(lambda p: init_state(p, tx, spec.use_ema), params)
     step = make_train_step(
-        stage,
-        graphdefs,
-        tx,
-        mesh,
-        state,
-        consts,
-        snr_gamma=None,
-        use_ema=spec.use_ema,
-        encoded=cached,
+        stage, graphdefs, mesh, state, consts, use_ema=spec.use_ema, encoded=cached
     )
     b = spec.batch_per_core * mesh.size  # global batch; accumulation 1 (leading axis)
     inputs = abstract_inputs(stage, b, 1, spec.resolution, cached, mesh)
-    return step.fn.lower(state, consts, *inputs)
+    hyper = step_hyperparameters(hyperparameters(cfg), LRSchedule(cfg, 1000), 0)
+    return step.fn.lower(state, consts, hyper, *inputs)
 
 
 _COLLECTIVE = re.compile(

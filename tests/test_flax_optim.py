@@ -14,13 +14,16 @@ import pytest
 from flax_kandinsky.training.optim import (
     LRSchedule,
     accumulate_grads,
+    adamw,
     clip_by_global_norm_torch,
     ema_decay,
     ema_init,
     ema_one_minus_decay,
     ema_update,
     make_optimizer,
+    optimizer_hyperparameters,
     scale_by_adam_torch,
+    windowed_lr,
 )
 from kandinsky_common.flags import TrainConfig
 from kandinsky_common.lr_schedules import LR_SCHEDULER_NAMES
@@ -226,3 +229,43 @@ def test_ema_update_formula_and_first_copy():
         e = np.asarray(ema[k])
         want = e - np.float32(9 / 11) * (e - np.asarray(params2[k]))
         np.testing.assert_allclose(ema2[k], want, rtol=1e-6, atol=1e-7)
+
+
+def test_windowed_lr_is_the_table_entry_of_the_count_when_the_host_is_one_behind():
+    """The host dispatches update u with the window of its count c; if the update still in
+    flight was skipped the optimizer's count is c - 1: both read the table's entry."""
+    sched = LRSchedule(cfg_for("linear", warmup=3), 8)
+    for c in range(10):
+        lr = windowed_lr(jnp.asarray(sched.window(c)), jnp.int32(c))
+        for count in {max(c - 1, 0), c}:
+            assert lr(jnp.int32(count)) == sched(count), (c, count)
+
+
+def test_runtime_hyperparameters_update_exactly_as_constants():
+    """adamw over traced hyperparameters (as the compiled step reads them) gives bit for bit
+    the updates of make_optimizer's constants: the move to runtime inputs changed no number."""
+    cfg = cfg_for("cosine", warmup=2, wd=0.01, max_grad_norm=0.5)
+    n = 5
+    sched = LRSchedule(cfg, n)
+    tx = make_optimizer(cfg, n)
+
+    @jax.jit
+    def runtime_update(grads, opt_state, params, hyper):
+        traced = adamw(hyper, windowed_lr(hyper["lr"], hyper["lr_count"]))
+        return traced.update(grads, opt_state, params)
+
+    params = tree(0)
+    a_state, b_state = tx.init(params), tx.init(params)
+    a_params, b_params = params, params
+    for count in range(n):
+        grads = tree(count + 1, scale=3.0)
+        hyper = {**optimizer_hyperparameters(cfg), "lr": sched.window(count)}
+        hyper["lr_count"] = np.int32(count)
+        a_up, a_state = tx.update(grads, a_state, a_params)
+        b_up, b_state = runtime_update(grads, b_state, b_params, hyper)
+        a_params, b_params = (
+            optax.apply_updates(a_params, a_up),
+            optax.apply_updates(b_params, b_up),
+        )
+        for k in params:
+            np.testing.assert_array_equal(np.asarray(a_params[k]), np.asarray(b_params[k]))

@@ -25,13 +25,14 @@ from flax_kandinsky.checkpoint import CheckpointStore
 from flax_kandinsky.hosts import agreed, check_shared, init_distributed
 from flax_kandinsky.sampling import memory_failure
 from flax_kandinsky.stages import make_stage
-from flax_kandinsky.training.optim import LRSchedule, make_optimizer
+from flax_kandinsky.training.optim import LRSchedule, hyperparameters, make_optimizer
 from flax_kandinsky.training.step import (
     abstract_inputs,
     encode_frozen,
     init_state,
     make_train_step,
     split_stage,
+    step_hyperparameters,
 )
 from flax_kandinsky.validation import Validator, class_image_generator
 from kandinsky_common import noise as noise_stream
@@ -85,11 +86,13 @@ def configure_jax(cfg: TrainConfig) -> None:
     if cfg.allow_tf32:
         jax.config.update("jax_default_matmul_precision", "tensorfloat32")
     if cfg.compile_cache_dir:
-        # A warm cache turns minutes of XLA compilation of a real-size step into seconds.
+        # A warm cache turns minutes of XLA compilation of a real-size step into seconds. Every
+        # program is kept, the small ones too (weight casts, state init): compiled afresh they
+        # cost a second or more of each start, and a hyperparameter change then compiles nothing.
         jax.config.update(
             "jax_compilation_cache_dir", str(Path(cfg.compile_cache_dir).expanduser())
         )
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 @dataclass
@@ -99,9 +102,10 @@ class Run:
     Parameters:
         cfg, stage, plan: the flags, the Stage being trained and the RunPlan (data, steps, resume).
         mesh: the device mesh; schedule: the LR schedule the optimizer reads (and the logs show).
-        step: the update compiled ahead of time: (state, consts, batch, noise, t) -> (state,
-            metrics).
+        step: the update compiled ahead of time: (state, consts, hyper, batch, noise, t) ->
+            (state, metrics).
         state, consts: the sharded training state and the frozen arrays the step reads.
+        hyper: the step's constant hyperparameters, on the devices (the LR is added per update).
         store: the run's CheckpointStore; global_step, skipped: updates done and skipped so far.
     """
 
@@ -113,6 +117,7 @@ class Run:
     step: Any
     state: Any
     consts: Any
+    hyper: dict
     store: CheckpointStore
     global_step: int = 0
     skipped: int = 0
@@ -121,6 +126,13 @@ class Run:
     @property
     def out(self) -> epath.Path:
         return location(self.cfg.output_dir)
+
+    def hyper_for(self, update: int) -> dict:
+        """The step's `hyper` argument for 0-based update `update`: the optimizer's count then is
+        update - skipped, or one less if the update still in flight was skipped."""
+        count = update - self.skipped
+        lr = step_hyperparameters({}, self.schedule, count)
+        return {**self.hyper, **sh.global_replicated(self.mesh, lr)}
 
     def weights(self):
         """The weights to validate or export (EMA when kept), as numpy on every process."""
@@ -177,11 +189,9 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
     step = make_train_step(
         stage,
         graphdefs,
-        tx,
         mesh,
         abstract,
         consts,
-        snr_gamma=cfg.snr_gamma,
         use_ema=cfg.use_ema,
         encoded=plan.cache is not None,
         skip_nonfinite=cfg.skip_nonfinite_updates,
@@ -202,7 +212,8 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
         weighted=plan.batch_factor > 1,
     )
     try:
-        compiled = step.compile(target, consts, inputs)
+        hyper = step_hyperparameters(hyperparameters(cfg), schedule, 0)
+        compiled = step.compile(target, consts, hyper, inputs)
     except Exception as e:
         what = memory_failure(e)
         if what is None:
@@ -214,7 +225,8 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
     )
     del params
     store = CheckpointStore(cfg.output_dir, cfg.checkpoints_total_limit)
-    run = Run(cfg, stage, plan, mesh, schedule, compiled, state, consts, store)
+    fixed = sh.global_replicated(mesh, hyperparameters(cfg))
+    run = Run(cfg, stage, plan, mesh, schedule, compiled, state, consts, fixed, store)
     if plan.resume is not None:
         # 'latest' falls back past damaged checkpoints with a warning; an explicit one must read.
         run.state, meta = run.store.resume(cfg.resume_from_checkpoint, target, stage=stage_name)
@@ -308,7 +320,8 @@ def run_updates(run: Run, progress: Progress, validator: Validator) -> str | Non
     try:
         with PreemptionGuard(sigint=True) as guard:
             for update, g_batch, g_noise, g_t in source:
-                run.state, metrics = run.step(run.state, run.consts, g_batch, g_noise, g_t)
+                hyper = run.hyper_for(update)
+                run.state, metrics = run.step(run.state, run.consts, hyper, g_batch, g_noise, g_t)
                 run.global_step = update + 1
                 progress.dispatched(run.global_step, metrics)
                 due = run.global_step % cfg.checkpointing_steps == 0

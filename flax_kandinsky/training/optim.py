@@ -13,6 +13,10 @@ Each piece reproduces the torch backend (torch_kandinsky/training/optim.py + acc
   at the optimizer's update count, so both backends use identical LRs.
 - accumulation (explicit, in the jitted step, not optax.MultiSteps): see `accumulate_grads`.
 - EMA: diffusers' EMAModel with the reference's defaults, see `ema_update`.
+
+The compiled step reads every one of these constants, and the LR, as runtime inputs
+(`hyperparameters`, `windowed_lr`): changing the learning rate, its schedule or horizon, betas,
+clipping or Min-SNR gamma reuses the compiled program instead of compiling a new one.
 """
 
 from __future__ import annotations
@@ -56,6 +60,12 @@ class LRSchedule:
         index = jnp.minimum(jnp.asarray(count, jnp.int32), self.num_updates - 1)
         return jnp.asarray(self._table32)[index]
 
+    def window(self, count: int) -> np.ndarray:
+        """The float32 LRs of updates count - 1 and count (clamped to the table), the pair the
+        compiled step picks from with `windowed_lr`."""
+        last = self.num_updates - 1
+        return self._table32[[min(max(count - 1, 0), last), min(max(count, 0), last)]]
+
     def current_lr(self, step: int) -> float:
         """LR to log after `step` updates: what torch's `lr_scheduler.get_last_lr()[0]` reports
         then (the LR of the next update), exact and valid for any step, computed on the host."""
@@ -77,15 +87,72 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
+def adam_hyperparameters(b1: float, b2: float, eps: float) -> dict[str, np.float32]:
+    """Adam's constants as float32 scalars, the complements and logs taken in double on the host
+    (what torch and optax's Python-float constants round to): a compiled step that reads them as
+    runtime inputs computes exactly what one with them folded in would."""
+    f32 = np.float32
+    return {
+        "b1": f32(b1),
+        "one_minus_b1": f32(1.0 - b1),
+        "log_b1": f32(math.log(b1)),
+        "b2": f32(b2),
+        "one_minus_b2": f32(1.0 - b2),
+        "log_b2": f32(math.log(b2)),
+        "eps": f32(eps),
+    }
+
+
+def optimizer_hyperparameters(cfg) -> dict[str, np.float32]:
+    """`adamw`'s constants from a config's adam_beta1/2, adam_epsilon, adam_weight_decay and
+    max_grad_norm."""
+    h = adam_hyperparameters(cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon)
+    h["max_grad_norm"] = np.float32(cfg.max_grad_norm)
+    h["weight_decay"] = np.float32(cfg.adam_weight_decay)
+    return h
+
+
+def hyperparameters(cfg) -> dict[str, np.float32]:
+    """Every optimizer and loss constant of a TrainConfig that the compiled step reads as an
+    input rather than bakes in, so runs that differ only in them share one program (and the
+    persistent compilation cache's entry). The LR is not here: see `windowed_lr`."""
+    h = optimizer_hyperparameters(cfg)
+    if cfg.snr_gamma is not None:  # None changes the loss's form, a number only its value
+        h["snr_gamma"] = np.float32(cfg.snr_gamma)
+    return h
+
+
+def windowed_lr(window: jax.Array, window_count: jax.Array) -> Callable[[jax.Array], jax.Array]:
+    """An optax schedule over a runtime pair: `window` holds the LRs of updates window_count - 1
+    and window_count (LRSchedule.window).
+
+    The host knows the optimizer's count when it dispatches an update up to one: with
+    --skip_nonfinite_updates the previous update, whose metrics are still in flight, may have
+    been skipped and left the count behind. The pair covers both cases, so the step needs no
+    table (whose length, the run's horizon, would be baked into the program)."""
+
+    def schedule(count):
+        return jnp.where(count == window_count, window[1], window[0])
+
+    return schedule
+
+
 def scale_by_adam_torch(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
-    """optax.scale_by_adam (eps_root=0) with torch's bias corrections, same state type.
+    """optax.scale_by_adam (eps_root=0) with torch's bias corrections, same state type; for
+    runtime constants see `scale_by_adam_hyper`."""
+    return scale_by_adam_hyper(adam_hyperparameters(b1, b2, eps))
+
+
+def scale_by_adam_hyper(h) -> optax.GradientTransformation:
+    """scale_by_adam_torch over `h` (adam_hyperparameters' keys; float32 scalars or traced
+    arrays).
 
     optax computes 1 - b2**t in float32, where b2 = 0.999 is already rounded: the cancellation
     leaves 1 - b2 off by 1.3e-5 relative, a systematic error in the first updates' steps. torch
     computes it in double. Here 1 - b**t = -expm1(t * log b), log b taken in double on the
-    host: a float32 expm1 of an accurate argument, about 1e-7 from torch's value.
+    host: a float32 expm1 of an accurate argument, about 1e-7 from torch's value. The moments
+    are optax's (1 - b) * g**k + b * m with 1 - b also from the host.
     """
-    log_b1, log_b2 = math.log(b1), math.log(b2)
 
     def init_fn(params):
         mu = jax.tree.map(jnp.zeros_like, params)
@@ -94,18 +161,38 @@ def scale_by_adam_torch(b1: float, b2: float, eps: float) -> optax.GradientTrans
 
     def update_fn(updates, state, params=None):
         del params
-        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+
+        def moment(g, m, k, name):
+            b, omb = h[name], h[f"one_minus_{name}"]
+            return omb.astype(m.dtype) * (g**k) + b.astype(m.dtype) * m
+
+        mu = jax.tree.map(lambda g, m: moment(g, m, 1, "b1"), updates, state.mu)
+        nu = jax.tree.map(lambda g, m: moment(g, m, 2, "b2"), updates, state.nu)
         count = optax.safe_increment(state.count)
         t = count.astype(jnp.float32)
-        bc1, bc2 = -jnp.expm1(t * log_b1), -jnp.expm1(t * log_b2)
+        bc1, bc2 = -jnp.expm1(t * h["log_b1"]), -jnp.expm1(t * h["log_b2"])
+        eps = h["eps"]
 
         def direction(m, v):
-            return (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps)
+            return (m / bc1.astype(m.dtype)) / (
+                jnp.sqrt(v / bc2.astype(v.dtype)) + eps.astype(v.dtype)
+            )
 
         return jax.tree.map(direction, mu, nu), optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamw(h, learning_rate, decay_mask=None) -> optax.GradientTransformation:
+    """clip (torch semantics) -> AdamW -> LR, every constant read from `h` (`hyperparameters`'
+    keys, numbers or traced arrays), the LR from the optax schedule `learning_rate`."""
+    # optax.adamw's own chain, with scale_by_adam_hyper in place of scale_by_adam.
+    return optax.chain(
+        clip_by_global_norm_torch(h["max_grad_norm"]),
+        scale_by_adam_hyper(h),
+        optax.add_decayed_weights(h["weight_decay"], decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
 
 
 def make_optimizer(
@@ -130,13 +217,7 @@ def make_optimizer(
         schedule = LRSchedule(cfg, num_updates)
     elif schedule.num_updates != num_updates:
         raise ValueError(f"schedule spans {schedule.num_updates} updates, not {num_updates}")
-    # optax.adamw's own chain, with scale_by_adam_torch in place of scale_by_adam.
-    return optax.chain(
-        clip_by_global_norm_torch(cfg.max_grad_norm),
-        scale_by_adam_torch(cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon),
-        optax.add_decayed_weights(cfg.adam_weight_decay, decay_mask),
-        optax.scale_by_learning_rate(schedule),
-    )
+    return adamw(optimizer_hyperparameters(cfg), schedule, decay_mask)
 
 
 def accumulate_grads(acc, grads, num_micro: int):

@@ -3,7 +3,8 @@
 One call is one optimizer update: `lax.scan` (unrolled on CPU) runs the `accum` micro-batches
 (frozen encoders, loss, grads), the mean gradient goes through optax (clip, AdamW, LR schedule),
 then EMA. The state is donated, and every array is sharded over the mesh by the one rule of
-sharding.py.
+sharding.py. Hyperparameters (LR, betas, clipping, Min-SNR gamma, ...) arrive as a dict of
+scalars (`step_hyperparameters`), so the program depends only on shapes, dtypes, mesh and model.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from flax_kandinsky import sharding as sh
 from flax_kandinsky.diffusion import add_noise, diffusion_loss, get_target
-from flax_kandinsky.training.optim import accumulate_grads, ema_update
+from flax_kandinsky.training.optim import accumulate_grads, adamw, ema_update, windowed_lr
 
 
 def init_state(params, tx, use_ema: bool) -> dict:
@@ -34,15 +36,22 @@ def init_state(params, tx, use_ema: bool) -> dict:
 class StepFn:
     """The jitted step and the shardings its arguments must have."""
 
-    fn: Any  # (state, consts, batch, noise, timesteps) -> (state, metrics)
+    fn: Any  # (state, consts, hyper, batch, noise, timesteps) -> (state, metrics)
     state_shardings: Any
     const_shardings: Any
+    hyper_sharding: Any
 
-    def compile(self, state, consts, inputs: tuple):
+    def compile(self, state, consts, hyper, inputs: tuple):
         """The step compiled ahead of time for these abstract (or real) arguments; `inputs` is
         (batch, noise, timesteps), as `abstract_inputs` gives them. Calls with other shapes fail
         instead of compiling again."""
-        return self.fn.lower(state, consts, *inputs).compile()
+        return self.fn.lower(state, consts, hyper, *inputs).compile()
+
+
+def step_hyperparameters(fixed: dict, schedule, count: int) -> dict:
+    """The `hyper` argument of one update: `fixed` (optim.hyperparameters) plus the LR window of
+    the optimizer's count as the host knows it (see optim.windowed_lr), all numpy scalars."""
+    return {**fixed, "lr": schedule.window(count), "lr_count": np.int32(count)}
 
 
 def abstract_inputs(
@@ -95,7 +104,7 @@ def encode_frozen(stage, graphdefs, consts, batch):
 
 def stage_loss(
     stage, graphdefs, params, consts, batch, noise, timesteps, alphas_cumprod, gamma, encoded=False
-):
+):  # gamma: Min-SNR gamma (a number or a traced scalar) or None
     """Loss of the trainable params on one micro-batch. The frozen encoders run here, unless
     `encoded`: then `batch` holds their cached outputs (reference layout)."""
     model = nnx.merge(graphdefs["model"], params, consts["model_rest"])
@@ -116,24 +125,26 @@ def stage_loss(
 def make_train_step(
     stage,
     graphdefs,
-    tx,
     mesh,
     state,
     consts,
     *,
-    snr_gamma,
     use_ema,
+    decay_mask=None,
     encoded=False,
     skip_nonfinite=False,
 ) -> StepFn:
-    """Jit the update for this stage; `state`/`consts` give shapes and shardings. With
+    """Jit the update for this stage; `state`/`consts` give shapes and shardings. The optimizer
+    is `optim.adamw` over the step's `hyper` argument (`step_hyperparameters`; a "snr_gamma" key
+    turns Min-SNR weighting on), built inside the trace so that no hyperparameter is a constant
+    of the program. With
     `encoded`, batches are cached encoder outputs and `consts` need no frozen encoders. With
     `skip_nonfinite`, an update whose loss or gradient norm is NaN/Inf leaves the whole state as
     it was (params, Adam moments and count = LR position, EMA, step) and sets metrics["skipped"]."""
     alphas_cumprod = jnp.asarray(stage.schedule.alphas_cumprod)
     on_cpu = mesh.devices.flat[0].platform == "cpu"
 
-    def loss_fn(params, consts, batch, noise, timesteps):
+    def loss_fn(params, consts, batch, noise, timesteps, snr_gamma):
         return stage_loss(
             stage,
             graphdefs,
@@ -147,13 +158,15 @@ def make_train_step(
             encoded,
         )
 
-    def train_step(state, consts, batch, noise, timesteps):
+    def train_step(state, consts, hyper, batch, noise, timesteps):
         params = state["params"]
         accum = timesteps.shape[0]  # static: micro-batches per update
+        gamma = hyper.get("snr_gamma")
+        tx = adamw(hyper, windowed_lr(hyper["lr"], hyper["lr_count"]), decay_mask)
 
         def micro(grads, xs):
             b, n, t = xs
-            loss, g = jax.value_and_grad(loss_fn)(params, consts, b, n, t)
+            loss, g = jax.value_and_grad(loss_fn)(params, consts, b, n, t, gamma)
             return accumulate_grads(grads, g, accum), loss
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -187,8 +200,8 @@ def make_train_step(
     data_sh = sh.batch_sharding(mesh, leading=1)
     fn = jax.jit(
         train_step,
-        in_shardings=(state_sh, const_sh, data_sh, data_sh, data_sh),
+        in_shardings=(state_sh, const_sh, sh.replicated(mesh), data_sh, data_sh, data_sh),
         out_shardings=(state_sh, sh.replicated(mesh)),
         donate_argnums=(0,),
     )
-    return StepFn(fn=fn, state_shardings=state_sh, const_shardings=const_sh)
+    return StepFn(fn, state_sh, const_sh, sh.replicated(mesh))
