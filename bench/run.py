@@ -215,7 +215,36 @@ def parse_args(argv=None):
         help="pin every measured process to this many CPUs (default: all); 1 gives stable "
         "numbers on a busy machine, where a 2-thread torch step can stall 10x",
     )
+    v = p.add_argument_group(
+        "against the reference",
+        "with --reference_scripts: whole runs of diffusers' scripts, --backend torch and "
+        "--backend flax side by side (bench/versus.py); --stages and --sizes pick the rows",
+    )
+    v.add_argument(
+        "--reference_scripts",
+        type=user_path,
+        default=None,
+        help="folder with diffusers' train_text_to_image_{prior,decoder}.py "
+        "(examples/kandinsky2_2/text_to_image of a diffusers checkout)",
+    )
+    v.add_argument("--short", type=int, default=8, help="updates of the short run")
+    v.add_argument("--long", type=int, default=72, help="updates of the long run")
+    v.add_argument("--no_recompile", dest="recompile", action="store_false",
+                   help="skip measuring flax's cost of a new --max_train_steps")  # fmt: skip
+    v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    v.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default="no")
+    v.add_argument(
+        "--results", type=user_path, default=None, help="where the JSON goes (bench/results)"
+    )
     a = p.parse_args(argv)
+    if a.reference_scripts is not None:
+        if a.long <= a.short:
+            p.error("--long must exceed --short")
+        for stage in a.stages.split(","):
+            script = Path(a.reference_scripts) / f"train_text_to_image_{stage}.py"
+            if not script.is_file():
+                p.error(f"--reference_scripts: {script} does not exist")
+        return a
     if a.updates <= SKIP + 1:
         p.error(
             f"--updates must exceed {SKIP + 1}: {SKIP} warm-up updates and the last are not timed"
@@ -225,6 +254,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.reference_scripts is not None:
+        from bench.versus import main as versus
+
+        return versus(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()

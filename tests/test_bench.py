@@ -46,3 +46,29 @@ def test_flax_worker_reports_speed_and_the_compiled_steps_flops(
     result = json.loads(line[len(PREFIX) :])
     assert result["step_flops"] > 0 and result["samples_per_second"] > 0
     assert len(result["update_seconds"]) == 5
+
+
+def test_versus_reference_runs_three_runners_and_writes_the_table(tmp_path):
+    """The reference comparison end to end, with our own scripts standing in for diffusers'
+    (they take the same flags; CI has no diffusers checkout): three runners, a row, the JSON."""
+    results = tmp_path / "results"
+    proc = run_script(
+        "bench.py", "--out", tmp_path / "bench", "--reference_scripts", ROOT / "scripts",
+        "--stages", "prior", "--sizes", "tiny", "--short", "1", "--long", "2", "--repeats", "1",
+        "--no_recompile", "--device", "cpu", "--results", results, timeout=900,
+    )  # fmt: skip
+    assert "device: jax: cpu" in proc.stdout
+    (row,) = [x for x in proc.stdout.splitlines() if x.startswith("| prior | tiny |")]
+    assert "—" not in row.split("|")[3:6], row  # every runner measured
+    (path,) = results.glob("*-versus-reference-cpu*.json")
+    saved = json.loads(path.read_text())
+    assert saved["rows"][0]["stage"] == "prior" and saved["table"] in proc.stdout
+    for runner in ("reference", "torch", "flax"):
+        assert saved["rows"][0][runner]["long_seconds"] > 0
+
+
+def test_versus_reference_refuses_a_folder_without_the_scripts(tmp_path):
+    proc = run_script(
+        "bench.py", "--out", tmp_path, "--reference_scripts", tmp_path, check=False, timeout=60
+    )
+    assert proc.returncode == 2 and "train_text_to_image_prior.py does not exist" in proc.stderr
