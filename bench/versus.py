@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from bench.run import ROOT, fixtures
+from kandinsky_common.stage_spec import SPECS
 
 RUNNERS = ("reference", "torch", "flax")
 RESOLUTION = {"tiny": 64, "small": 128}  # decoder pixels per fixture size (the prior has none)
@@ -76,7 +77,7 @@ def command(a, runner: str, stage: str, size: str, fx, out: Path, steps: int) ->
         "max_train_steps": steps,
         "seed": 0,
     }
-    if stage == "decoder":
+    if SPECS[stage].uses_resolution:
         flags["resolution"] = RESOLUTION[size]
     if a.mixed_precision != "no":
         flags["mixed_precision"] = a.mixed_precision
@@ -159,7 +160,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         per = {k: r.get(k, {}).get("seconds_per_update") for k in RUNNERS}
         fixed = " / ".join(_f(r.get(k, {}).get("fixed_seconds"), ".1f") for k in RUNNERS)
-        size = r["size"] + (f", {RESOLUTION[r['size']]} px" if r["stage"] == "decoder" else "")
+        pixels = SPECS[r["stage"]].uses_resolution
+        size = r["size"] + (f", {RESOLUTION[r['size']]} px" if pixels else "")
         lines.append(
             f"| {r['stage']} | {size} | {_f(per['reference'], '.3f')} | {_f(per['torch'], '.3f')}"
             f" | {_f(per['flax'], '.3f')} | {_f(r.get('flax_speedup'), '.2f')}x"
