@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.run import ROOT, fixtures
+from bench.run import ROOT, _env, fixtures
 from kandinsky_common.stage_spec import SPECS
 
 RUNNERS = ("reference", "torch", "flax")
@@ -36,12 +36,11 @@ RESOLUTION = {"tiny": 64, "small": 128}  # decoder pixels per fixture size (the 
 
 
 def device_env(device: str) -> dict:
-    """The environment of every measured process: offline, and on the device asked for."""
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("XLA_FLAGS", None)  # one XLA device using every core, as a user's run
+    """The environment of every measured process: bench.run's (offline, one XLA device), on the
+    device asked for."""
+    env = _env()  # JAX_PLATFORMS=cpu
     if device == "cpu":
-        env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+        env["CUDA_VISIBLE_DEVICES"] = ""
     else:
         env["JAX_PLATFORMS"] = "cuda"
     return env
