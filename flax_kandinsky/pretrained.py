@@ -1,7 +1,8 @@
 """Build Flax models from diffusers/transformers folders and write them back (no torch import).
 
-Models are built abstractly (`nnx.eval_shape`, no random init of billions of parameters), then every
-variable is filled from the folder's safetensors through the model's conversion table.
+Models are built abstractly (shapes and dtypes only, `models.abstract`: no random init of billions
+of parameters, no tracing), then every variable is filled from the folder's safetensors through the
+model's conversion table.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import numpy as np
 from flax import nnx
 
 from flax_kandinsky.convert import Table, load_into, to_torch_layout
+from flax_kandinsky.models.abstract import shapes_only
 from kandinsky_common import folders
 
 
 def build_abstract(factory: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
-    """The model with ShapeDtypeStruct leaves: shapes and dtypes, no memory."""
-    return nnx.eval_shape(lambda: factory(nnx.Rngs(0)))
+    """The model with ShapeDtypeStruct leaves: shapes and dtypes, no memory (the tree
+    `nnx.eval_shape` would give, without its trace)."""
+    with shapes_only():
+        return factory(nnx.Rngs(0))
 
 
 def from_state_dict(

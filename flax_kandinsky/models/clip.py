@@ -20,7 +20,8 @@ from flax import nnx
 
 from flax_kandinsky import pretrained
 from flax_kandinsky.convert.clip import TEXT_TABLE, VISION_TABLE, clean_state_dict
-from flax_kandinsky.models import layers
+from flax_kandinsky.models import abstract, layers
+from flax_kandinsky.models.abstract import initializers
 from kandinsky_common import folders
 from kandinsky_common.errors import UserError
 
@@ -227,6 +228,7 @@ class CLIPEncoder(nnx.Module):
 
 def _embed(num, dim, dtype, param_dtype, rngs):
     init = nnx.initializers.normal(0.02)
+    init = initializers("embedding_init").get("embedding_init", init)
     return nnx.Embed(num, dim, dtype=dtype, param_dtype=param_dtype, embedding_init=init, rngs=rngs)
 
 
@@ -334,7 +336,7 @@ class CLIPVisionEmbeddings(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.image_size = c.image_size
         self.class_embedding = nnx.Param(
-            jax.random.normal(rngs.params(), (c.hidden_size,), param_dtype)
+            abstract.value(jax.random.normal, rngs.params, (c.hidden_size,), param_dtype)
         )
         self.patch_embedding = layers.conv2d(
             c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size, use_bias=False, **kw

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_kandinsky.models.abstract import initializers
 from kandinsky_common.errors import UserError
 
 
@@ -79,7 +80,15 @@ class Linear(nnx.Linear):
 
 
 def linear(din: int, dout: int, *, use_bias=True, dtype=None, param_dtype=jnp.float32, rngs):
-    return Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return Linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+        **initializers("kernel_init", "bias_init"),
+    )
 
 
 def conv2d(
@@ -106,6 +115,7 @@ def conv2d(
         dtype=dtype,
         param_dtype=param_dtype,
         rngs=rngs,
+        **initializers("kernel_init", "bias_init"),
     )
 
 
@@ -117,6 +127,7 @@ def layer_norm(dim: int, eps: float, *, dtype=None, param_dtype=jnp.float32, rng
         dtype=dtype,
         param_dtype=param_dtype,
         rngs=rngs,
+        **initializers("scale_init", "bias_init"),
     )
 
 
@@ -129,6 +140,7 @@ def group_norm(dim: int, groups: int, eps: float, *, dtype=None, param_dtype=jnp
         dtype=dtype,
         param_dtype=param_dtype,
         rngs=rngs,
+        **initializers("scale_init", "bias_init"),
     )
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_kandinsky.convert.movq import MOVQ_TABLE
+from flax_kandinsky.models.abstract import initializers
 from flax_kandinsky.models.layers import (
     attention,
     conv2d,
@@ -413,7 +414,12 @@ class VectorQuantizer(nnx.Module):
 
     def __init__(self, n_e, vq_embed_dim, *, dtype=None, param_dtype=jnp.float32, rngs):
         self.embedding = nnx.Embed(
-            n_e, vq_embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            n_e,
+            vq_embed_dim,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            **initializers("embedding_init"),
         )
 
     def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -17,7 +17,7 @@ from flax import nnx
 
 from flax_kandinsky import pretrained
 from flax_kandinsky.convert.prior import PRIOR_TABLE
-from flax_kandinsky.models import layers
+from flax_kandinsky.models import abstract, layers
 from kandinsky_common import folders
 from kandinsky_common.errors import UserError
 
@@ -112,6 +112,11 @@ class PriorConfig:
     def to_dict(self) -> dict:
         """Every diffusers option, as PriorTransformer's config.json spells it."""
         return {**DEFAULTS, **{k: getattr(self, k) for k in _SIZES}}
+
+
+def _zeros(key, shape, dtype):
+    del key
+    return jnp.zeros(shape, dtype)
 
 
 class ClipStats(nnx.Variable):
@@ -250,10 +255,12 @@ class PriorTransformer(nnx.Module):
         self.encoder_hidden_states_proj = layers.linear(emb, inner, **kw)
         seq = c.num_embeddings + c.additional_embeddings
         # diffusers initialises these four with zeros; real values come from the checkpoint.
-        self.positional_embedding = nnx.Param(jnp.zeros((1, seq, inner), param_dtype))
-        self.prd_embedding = nnx.Param(jnp.zeros((1, 1, inner), param_dtype))
-        self.clip_mean = ClipStats(jnp.zeros((1, emb), param_dtype))
-        self.clip_std = ClipStats(jnp.zeros((1, emb), param_dtype))
+        self.positional_embedding = nnx.Param(
+            abstract.value(_zeros, None, (1, seq, inner), param_dtype)
+        )
+        self.prd_embedding = nnx.Param(abstract.value(_zeros, None, (1, 1, inner), param_dtype))
+        self.clip_mean = ClipStats(abstract.value(_zeros, None, (1, emb), param_dtype))
+        self.clip_std = ClipStats(abstract.value(_zeros, None, (1, emb), param_dtype))
         self.transformer_blocks = nnx.List(
             [
                 BasicTransformerBlock(inner, c.num_attention_heads, c.attention_head_dim, **kw)
