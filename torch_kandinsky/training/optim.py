@@ -26,7 +26,11 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kw)
-    return torch.optim.AdamW(params, **kw)
+    # torch's fused AdamW updates every parameter in one kernel per group instead of a chain
+    # of foreach ops: 1.2-1.3x faster updates of the small fixtures on 2 CPU cores (bench/README),
+    # the same on GPUs. Same math; other devices keep the default implementation.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kw)
 
 
 def make_lr_scheduler(cfg: TrainConfig, optimizer, max_train_steps: int):
