@@ -206,7 +206,12 @@ def main(a) -> int:
     results = Path(a.results) if a.results else ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d")
-    path = results / f"{stamp}-versus-reference-{device}{os.cpu_count()}.json"
+    name = f"{stamp}-versus-reference-{device}{os.cpu_count()}"
+    path = results / f"{name}.json"
+    for n in range(2, 100):  # a second run of the day keeps the first's figures
+        if not path.exists():
+            break
+        path = results / f"{name}-{n}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
     return 0

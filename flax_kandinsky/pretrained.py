@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 
@@ -33,9 +33,11 @@ def from_state_dict(
     """Model from a torch-layout numpy state dict, strictly (see convert.load_into)."""
     model = build_abstract(factory)
     load_into(model, table, torch_sd)
-    # load_into leaves numpy values; make them device arrays so the model is jit-ready.
-    state = nnx.state(model)
-    nnx.update(model, nnx.map_state(lambda _, v: jnp.asarray(v), state))
+    # load_into leaves numpy values; make them device arrays so the model is jit-ready. One
+    # device_put of every leaf: jnp.asarray leaf by leaf dispatched a conversion program per
+    # shape (1 s of the small UNet's 1.1 s load, against 0.05 s).
+    leaves, treedef = jax.tree.flatten(nnx.state(model))
+    nnx.update(model, jax.tree.unflatten(treedef, jax.device_put(leaves)))
     return model
 
 

@@ -5,8 +5,7 @@ change of --max_train_steps, learning rate, schedule or warm-up compiled the ste
 with a warm persistent cache: minutes of a pod at real size. Here two fresh processes of the
 real script share one --compile_cache_dir; the second changes every hyperparameter the step
 reads and resumes the first with a longer horizon, and must compile nothing (jax's own
-explanation of persistent-cache misses, JAX_EXPLAIN_CACHE_MISSES, counts them) and load the
-step the first one stored (flax_kandinsky.training.executables) without tracing it again.
+explanation of persistent-cache misses, JAX_EXPLAIN_CACHE_MISSES, counts them).
 """
 
 from __future__ import annotations
@@ -33,10 +32,8 @@ def test_hyperparameter_changes_and_a_longer_resume_compile_nothing(
     )
     out = tmp_path / "run"
     first = run_script(PRIOR, *train_args(prior, decoder, sample_dataset, out, **flags), env=env)
-    assert MISS.findall(first.stderr), first.stderr  # the cache started empty
-    steps = tmp_path / "jax_cache" / "kandinsky_steps"
-    (stored,) = steps.iterdir()
-    written = stored.stat().st_mtime_ns
+    compiled = MISS.findall(first.stderr)
+    assert "jit_train_step" in compiled, compiled  # the cache started empty
 
     flags.update(
         resume_from_checkpoint="latest",
@@ -54,4 +51,3 @@ def test_hyperparameter_changes_and_a_longer_resume_compile_nothing(
     second = run_script(PRIOR, *train_args(prior, decoder, sample_dataset, out, **flags), env=env)
     assert "at update 4" in second.stdout
     assert MISS.findall(second.stderr) == []
-    assert list(steps.iterdir()) == [stored] and stored.stat().st_mtime_ns == written

@@ -25,7 +25,6 @@ from flax_kandinsky.checkpoint import CheckpointStore
 from flax_kandinsky.hosts import agreed, check_shared, init_distributed
 from flax_kandinsky.sampling import memory_failure
 from flax_kandinsky.stages import make_stage
-from flax_kandinsky.training import executables
 from flax_kandinsky.training.optim import LRSchedule, hyperparameters, make_optimizer
 from flax_kandinsky.training.step import (
     abstract_inputs,
@@ -187,12 +186,16 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
     schedule = LRSchedule(cfg, plan.max_train_steps)
     tx = make_optimizer(cfg, plan.max_train_steps, schedule=schedule)
     abstract = jax.eval_shape(lambda p: init_state(p, tx, cfg.use_ema), params)
-    options = {
-        "use_ema": cfg.use_ema,
-        "encoded": plan.cache is not None,
-        "skip_nonfinite": cfg.skip_nonfinite_updates,
-    }
-    step = make_train_step(stage, graphdefs, mesh, abstract, consts, **options)
+    step = make_train_step(
+        stage,
+        graphdefs,
+        mesh,
+        abstract,
+        consts,
+        use_ema=cfg.use_ema,
+        encoded=plan.cache is not None,
+        skip_nonfinite=cfg.skip_nonfinite_updates,
+    )
     consts = jax.device_put(consts, step.const_shardings)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -210,19 +213,7 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
     )
     try:
         hyper = step_hyperparameters(hyperparameters(cfg), schedule, 0)
-        key = executables.step_key(
-            stage=stage,
-            graphdefs=graphdefs,
-            mesh=mesh,
-            args=(target, consts, hyper, inputs),
-            options=options,
-        )
-        compiled = executables.load_or_compile(
-            lambda: step.compile(target, consts, hyper, inputs),
-            cfg.compile_cache_dir and f"{cfg.compile_cache_dir}/kandinsky_steps",
-            key,
-            mesh.devices.flat,
-        )
+        compiled = step.compile(target, consts, hyper, inputs)
     except Exception as e:
         what = memory_failure(e)
         if what is None:
