@@ -1,8 +1,8 @@
 """Models built as shapes only (`models.abstract`) are the trees `nnx.eval_shape` gives.
 
-`pretrained.build_abstract` once ran the constructors under `nnx.eval_shape`, whose trace cost
-grew with the square of the layer count (every RNG draw scanned the trace so far). It now builds
-ShapeDtypeStruct leaves directly; these checks hold it to the traced tree: the same graph
+`pretrained.build_abstract` builds ShapeDtypeStruct leaves directly instead of tracing the
+constructors under `nnx.eval_shape` (whose cost grows with the square of the layer count: every
+RNG draw scans the trace so far). These checks hold it to the traced tree: the same graph
 definition (module structure and static attributes), the same variable paths, types, shapes and
 dtypes, for every network of both pipelines, in fp32 and bf16, with and without checkpointing.
 """

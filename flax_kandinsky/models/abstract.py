@@ -39,9 +39,14 @@ def initializers(*names: str) -> dict[str, Callable]:
     return {name: _shape_only for name in names} if _SHAPES_ONLY.get() else {}
 
 
-def value(init: Callable, rngs_stream: Callable | None, shape, dtype):
+def value(init: Callable, rngs_stream: Callable, shape, dtype):
     """`init(rngs_stream(), shape, dtype)`, or its ShapeDtypeStruct inside `shapes_only()`
     (no key is drawn there)."""
     if _SHAPES_ONLY.get():
-        return jax.ShapeDtypeStruct(tuple(shape), dtype)
-    return init(None if rngs_stream is None else rngs_stream(), shape, dtype)
+        return _shape_only(None, shape, dtype)
+    return init(rngs_stream(), shape, dtype)
+
+
+def zeros(shape, dtype):
+    """jnp.zeros, or its ShapeDtypeStruct inside `shapes_only()`."""
+    return _shape_only(None, shape, dtype) if _SHAPES_ONLY.get() else jnp.zeros(shape, dtype)

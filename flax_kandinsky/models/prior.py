@@ -114,11 +114,6 @@ class PriorConfig:
         return {**DEFAULTS, **{k: getattr(self, k) for k in _SIZES}}
 
 
-def _zeros(key, shape, dtype):
-    del key
-    return jnp.zeros(shape, dtype)
-
-
 class ClipStats(nnx.Variable):
     """clip_mean / clip_std: frozen CLIP image-embedding statistics, not trained.
 
@@ -255,12 +250,10 @@ class PriorTransformer(nnx.Module):
         self.encoder_hidden_states_proj = layers.linear(emb, inner, **kw)
         seq = c.num_embeddings + c.additional_embeddings
         # diffusers initialises these four with zeros; real values come from the checkpoint.
-        self.positional_embedding = nnx.Param(
-            abstract.value(_zeros, None, (1, seq, inner), param_dtype)
-        )
-        self.prd_embedding = nnx.Param(abstract.value(_zeros, None, (1, 1, inner), param_dtype))
-        self.clip_mean = ClipStats(abstract.value(_zeros, None, (1, emb), param_dtype))
-        self.clip_std = ClipStats(abstract.value(_zeros, None, (1, emb), param_dtype))
+        self.positional_embedding = nnx.Param(abstract.zeros((1, seq, inner), param_dtype))
+        self.prd_embedding = nnx.Param(abstract.zeros((1, 1, inner), param_dtype))
+        self.clip_mean = ClipStats(abstract.zeros((1, emb), param_dtype))
+        self.clip_std = ClipStats(abstract.zeros((1, emb), param_dtype))
         self.transformer_blocks = nnx.List(
             [
                 BasicTransformerBlock(inner, c.num_attention_heads, c.attention_head_dim, **kw)
