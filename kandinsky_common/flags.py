@@ -138,7 +138,8 @@ class TrainConfig:
     )
     compile_cache_dir: str | None = _f(
         "~/.cache/kandinsky_finetune/jax_compile",
-        "flax: persistent XLA compilation cache ('' to disable).",
+        "flax: persistent XLA compilation cache and the traced step's stored program ('' to "
+        "disable both).",
     )
     attention: str = _f(
         "dot",

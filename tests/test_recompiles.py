@@ -5,7 +5,8 @@ change of --max_train_steps, learning rate, schedule or warm-up compiled the ste
 with a warm persistent cache: minutes of a pod at real size. Here two fresh processes of the
 real script share one --compile_cache_dir; the second changes every hyperparameter the step
 reads and resumes the first with a longer horizon, and must compile nothing (jax's own
-explanation of persistent-cache misses, JAX_EXPLAIN_CACHE_MISSES, counts them).
+explanation of persistent-cache misses, JAX_EXPLAIN_CACHE_MISSES, counts them) and compile the
+step from the program the first one stored (flax_kandinsky.training.stored_step), untraced.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def test_hyperparameter_changes_and_a_longer_resume_compile_nothing(
     first = run_script(PRIOR, *train_args(prior, decoder, sample_dataset, out, **flags), env=env)
     compiled = MISS.findall(first.stderr)
     assert "jit_train_step" in compiled, compiled  # the cache started empty
+    steps = tmp_path / "jax_cache" / "kandinsky_steps"
+    (stored,) = steps.iterdir()
+    written = stored.stat().st_mtime_ns
 
     flags.update(
         resume_from_checkpoint="latest",
@@ -51,3 +55,4 @@ def test_hyperparameter_changes_and_a_longer_resume_compile_nothing(
     second = run_script(PRIOR, *train_args(prior, decoder, sample_dataset, out, **flags), env=env)
     assert "at update 4" in second.stdout
     assert MISS.findall(second.stderr) == []
+    assert list(steps.iterdir()) == [stored] and stored.stat().st_mtime_ns == written

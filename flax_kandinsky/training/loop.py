@@ -34,6 +34,7 @@ from flax_kandinsky.training.step import (
     split_stage,
     step_hyperparameters,
 )
+from flax_kandinsky.training.stored_step import compile_stored, step_key
 from flax_kandinsky.validation import Validator, class_image_generator
 from kandinsky_common import noise as noise_stream
 from kandinsky_common.checkpoints import write_failed
@@ -186,16 +187,12 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
     schedule = LRSchedule(cfg, plan.max_train_steps)
     tx = make_optimizer(cfg, plan.max_train_steps, schedule=schedule)
     abstract = jax.eval_shape(lambda p: init_state(p, tx, cfg.use_ema), params)
-    step = make_train_step(
-        stage,
-        graphdefs,
-        mesh,
-        abstract,
-        consts,
-        use_ema=cfg.use_ema,
-        encoded=plan.cache is not None,
-        skip_nonfinite=cfg.skip_nonfinite_updates,
-    )
+    options = {
+        "use_ema": cfg.use_ema,
+        "encoded": plan.cache is not None,
+        "skip_nonfinite": cfg.skip_nonfinite_updates,
+    }
+    step = make_train_step(stage, graphdefs, mesh, abstract, consts, **options)
     consts = jax.device_put(consts, step.const_shardings)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -213,7 +210,13 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
     )
     try:
         hyper = step_hyperparameters(hyperparameters(cfg), schedule, 0)
-        compiled = step.compile(target, consts, hyper, inputs)
+        if cfg.compile_cache_dir:  # the traced step is kept beside jax's compiled programs
+            args = (target, consts, hyper, *inputs)
+            key = step_key(stage=stage, graphdefs=graphdefs, mesh=mesh, args=args, options=options)
+            folder = f"{cfg.compile_cache_dir}/kandinsky_steps"
+            compiled = compile_stored(step, args, folder, key)
+        else:
+            compiled = step.compile(target, consts, hyper, inputs)
     except Exception as e:
         what = memory_failure(e)
         if what is None:
