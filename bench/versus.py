@@ -12,6 +12,8 @@ launch to exit:
 - fixed s = T(short) - short * s/update: what a run pays besides its updates (imports, model
   loading, compilation, the final save), the figure a user waits before the first update plus
   the save;
+- first update s = launch to the progress bar's first tick (`1/N`), read from the output as it
+  is written: start-up plus the first update, what a user waits to see training begin;
 - recompile s (flax) = T(a length not run before) - T(the same length again): what changing
   --max_train_steps costs with a warm persistent compilation cache.
 Every runner first does one untimed short run (file caches, the flax compilation cache), and
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,17 +89,38 @@ def command(a, runner: str, stage: str, size: str, fx, out: Path, steps: int) ->
     return cmd + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
 
 
-def timed(cmd: list[str], env: dict, log: Path, timeout: float) -> float:
-    """Seconds from launch to exit of one run; raises with the log's last line on failure."""
+# A tqdm bar's first tick ("| 1/8 [" in the reference's bar and in ours): the first update done.
+FIRST_UPDATE = re.compile(rb"\|\s*1/\d+ \[")
+
+
+def timed(cmd: list[str], env: dict, log: Path, timeout: float) -> tuple[float, float | None]:
+    """Seconds from launch to exit of one run, and from launch to its progress bar's first tick
+    (None when none showed); raises with the log's last line on failure. The output is read as
+    it comes, so the tick is timed when it is written."""
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    first, seen = None, b""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    try:
+        with log.open("wb") as f:
+            while chunk := proc.stdout.read1(1 << 16):
+                f.write(chunk)
+                if first is None:
+                    seen = seen[-256:] + chunk  # a tick split over two reads still matches
+                    if FIRST_UPDATE.search(seen):
+                        first = time.perf_counter() - start
+        proc.wait()
+    finally:
+        watchdog.cancel()
     seconds = time.perf_counter() - start
+    if seconds >= timeout and proc.returncode != 0:
+        raise subprocess.TimeoutExpired(cmd, timeout)
     if proc.returncode != 0:
         tail = [x for x in log.read_text().splitlines() if x.strip()][-1:] or ["no output"]
         raise RuntimeError(f"exit {proc.returncode}: {tail[0][:300]} (log: {log})")
-    return seconds
+    return seconds, first
 
 
 def measure(a, env: dict, stage: str, size: str) -> dict:
@@ -108,7 +133,7 @@ def measure(a, env: dict, stage: str, size: str) -> dict:
             continue
         scratch = Path(a.out) / "runs" / f"{name}-{runner}"
 
-        def run(steps: int, tag: str, runner=runner, scratch=scratch) -> float:
+        def run(steps: int, tag: str, runner=runner, scratch=scratch) -> tuple:
             shutil.rmtree(scratch, ignore_errors=True)
             cmd = command(a, runner, stage, size, fx, scratch, steps)
             print(f"  {name} {runner} {tag} ({steps} updates)", flush=True)
@@ -120,18 +145,21 @@ def measure(a, env: dict, stage: str, size: str) -> dict:
 
         try:
             run(a.short, "warm-up")
-            short = min(run(a.short, f"short{i}") for i in range(a.repeats))
-            long = min(run(a.long, f"long{i}") for i in range(a.repeats))
+            shorts = [run(a.short, f"short{i}") for i in range(a.repeats)]
+            short = min(s for s, _ in shorts)
+            long = min(run(a.long, f"long{i}")[0] for i in range(a.repeats))
             per_update = (long - short) / (a.long - a.short)
+            ticks = [t for _, t in shorts if t is not None]
             result = {
                 "short_seconds": short,
                 "long_seconds": long,
                 "seconds_per_update": per_update,
                 "fixed_seconds": short - a.short * per_update,
+                "first_update_seconds": min(ticks) if ticks else None,
             }
             if runner == "flax" and a.recompile:
                 new = a.long + a.short  # a length this cache has not seen
-                first, again = run(new, "new-length"), run(new, "new-length-again")
+                first, again = run(new, "new-length")[0], run(new, "new-length-again")[0]
                 result["recompile_seconds"] = first - again
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             result = {"error": str(e)}
@@ -153,18 +181,20 @@ def table(rows: list[dict]) -> str:
     """The markdown table the README quotes."""
     lines = [
         "| stage | size | reference s/update | torch | flax | flax vs reference | torch vs "
-        "reference | fixed s: ref / torch / flax | flax recompile s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "reference | first update s: ref / torch / flax | fixed s: ref / torch / flax | flax "
+        "recompile s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         per = {k: r.get(k, {}).get("seconds_per_update") for k in RUNNERS}
         fixed = " / ".join(_f(r.get(k, {}).get("fixed_seconds"), ".1f") for k in RUNNERS)
+        first = " / ".join(_f(r.get(k, {}).get("first_update_seconds"), ".1f") for k in RUNNERS)
         pixels = SPECS[r["stage"]].uses_resolution
         size = r["size"] + (f", {RESOLUTION[r['size']]} px" if pixels else "")
         lines.append(
             f"| {r['stage']} | {size} | {_f(per['reference'], '.3f')} | {_f(per['torch'], '.3f')}"
             f" | {_f(per['flax'], '.3f')} | {_f(r.get('flax_speedup'), '.2f')}x"
-            f" | {_f(r.get('torch_speedup'), '.2f')}x | {fixed}"
+            f" | {_f(r.get('torch_speedup'), '.2f')}x | {first} | {fixed}"
             f" | {_f(r.get('flax', {}).get('recompile_seconds'), '+.1f')} |"
         )
         for k in RUNNERS:
@@ -188,7 +218,8 @@ def main(a) -> int:
     legend = (
         f"batch {a.batch}, seed 0, default flags, precision {a.mixed_precision}; s/update = "
         f"(T({a.long}) - T({a.short})) / {a.long - a.short} over whole processes (min of "
-        f"{a.repeats}); fixed s = T({a.short}) - {a.short} x s/update; recompile = first minus "
+        f"{a.repeats}); first update = launch to the progress bar's first tick (warm caches); "
+        f"fixed s = T({a.short}) - {a.short} x s/update; recompile = first minus "
         "second run of a new --max_train_steps, warm compilation cache"
     )
     print(f"\ndevice: {described}\n{text}\n{legend}")

@@ -64,7 +64,9 @@ def test_versus_reference_runs_three_runners_and_writes_the_table(tmp_path):
     saved = json.loads(path.read_text())
     assert saved["rows"][0]["stage"] == "prior" and saved["table"] in proc.stdout
     for runner in ("reference", "torch", "flax"):
-        assert saved["rows"][0][runner]["long_seconds"] > 0
+        measured = saved["rows"][0][runner]
+        assert measured["long_seconds"] > 0
+        assert 0 < measured["first_update_seconds"] < measured["short_seconds"]
 
 
 def test_versus_reference_refuses_a_folder_without_the_scripts(tmp_path):
@@ -72,3 +74,21 @@ def test_versus_reference_refuses_a_folder_without_the_scripts(tmp_path):
         "bench.py", "--out", tmp_path, "--reference_scripts", tmp_path, check=False, timeout=60
     )
     assert proc.returncode == 2 and "train_text_to_image_prior.py does not exist" in proc.stderr
+
+
+def test_versus_times_the_first_update_when_the_bar_shows_it(tmp_path):
+    from bench.versus import timed
+
+    # A bar like tqdm's: its first tick written mid-run, the process going on 2 s after it.
+    script = (
+        "import sys, time\n"
+        "sys.stderr.write('Steps:   0%|          | 0/3 [00:00<?, ?it/s]'); sys.stderr.flush()\n"
+        "time.sleep(0.5)\n"
+        "sys.stderr.write('\\rSteps:  33%|###       | 1/3 [00:00<00:01, 2.0it/s]')\n"
+        "sys.stderr.flush(); time.sleep(2.0)\n"
+    )
+    seconds, first = timed([sys.executable, "-c", script], script_env(), tmp_path / "a.log", 60)
+    assert first is not None and 0.5 <= first <= seconds - 1.5
+    assert "1/3" in (tmp_path / "a.log").read_text()
+    silent = [sys.executable, "-c", "print('no bar')"]
+    assert timed(silent, script_env(), tmp_path / "b.log", 60)[1] is None
