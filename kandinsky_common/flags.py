@@ -136,6 +136,11 @@ class TrainConfig:
         "Encode-once cache folder: frozen-encoder outputs are computed once and reused across "
         "epochs and runs (invalidated when encoders, preprocessing or data change).",
     )
+    image_memory_mb: int = _f(
+        1024,
+        "Host memory (MB per process) for decoded, resized training images kept from one epoch "
+        "to the next, so later epochs skip decoding; 0 decodes every image in every epoch.",
+    )
     compile_cache_dir: str | None = _f(
         "~/.cache/kandinsky_finetune/jax_compile",
         "flax: persistent XLA compilation cache and the traced step's stored program ('' to "
@@ -176,6 +181,7 @@ OUR_FLAGS = (
     "num_processes",
     "process_id",
     "embeddings_cache",
+    "image_memory_mb",
     "compile_cache_dir",
     "attention",
     "skip_nonfinite_updates",
@@ -369,6 +375,11 @@ def validate(cfg: TrainConfig, stage: str) -> None:
     )
     if cfg.lr_warmup_steps < 0 or cfg.dataloader_num_workers < 0 or cfg.adam_weight_decay < 0:
         raise UserError("--lr_warmup_steps, --dataloader_num_workers, --adam_weight_decay are >= 0")
+    if cfg.image_memory_mb < 0:
+        raise UserError(
+            f"--image_memory_mb {cfg.image_memory_mb} is negative; pass 0 to decode every image in "
+            "every epoch, or the MB of host memory to keep decoded images in"
+        )
     spec = SPECS[stage]
     if spec.uses_resolution and cfg.resolution % 64:
         raise UserError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -133,6 +134,12 @@ def _center_crop_hwc(arr: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
 def clip_pixels(img: Image.Image, config: dict | ClipSpec = IMAGE_PROCESSOR) -> np.ndarray:
     """(3, 224, 224) float32 CLIP input, equal to CLIPImageProcessorPil on `img.convert("RGB")`."""
     spec = clip_spec(config)
+    return clip_normalize(clip_resized(img, spec), spec)
+
+
+def clip_resized(img: Image.Image, config: dict | ClipSpec = IMAGE_PROCESSOR) -> np.ndarray:
+    """The CLIP processor's resize and crop: (H, W, 3) uint8, what `clip_normalize` takes."""
+    spec = clip_spec(config)
     if img.mode != "RGB":
         # The reference converts before the processor, so alpha is dropped, not composited on white.
         img = img.convert("RGB")
@@ -142,6 +149,12 @@ def clip_pixels(img: Image.Image, config: dict | ClipSpec = IMAGE_PROCESSOR) -> 
     arr = np.asarray(img)
     if spec.do_center_crop:
         arr = _center_crop_hwc(arr, *spec.crop_hw)
+    return np.ascontiguousarray(arr)  # a crop is a view: keep only its own bytes
+
+
+def clip_normalize(arr: np.ndarray, config: dict | ClipSpec = IMAGE_PROCESSOR) -> np.ndarray:
+    """(H, W, 3) uint8 from `clip_resized` -> (3, H, W) float32: rescale and normalize."""
+    spec = clip_spec(config)
     chw = arr.transpose(2, 0, 1)
     if spec.do_rescale:
         # Same dtypes as transformers' rescale: multiply in float64, then round to float32.
@@ -157,6 +170,11 @@ def clip_pixels(img: Image.Image, config: dict | ClipSpec = IMAGE_PROCESSOR) -> 
 
 def decoder_pixels(img: Image.Image, resolution: int) -> np.ndarray:
     """(3, R, R) float32 in [-1, 1]: the decoder script's center_crop + train_transforms."""
+    return decoder_normalize(decoder_resized(img, resolution))
+
+
+def decoder_resized(img: Image.Image, resolution: int) -> np.ndarray:
+    """The decoder script's center crop and resize: (R, R, 3) uint8."""
     if img.mode != "RGB":
         img = img.convert("RGB")
     width, height = img.size
@@ -165,8 +183,47 @@ def decoder_pixels(img: Image.Image, resolution: int) -> np.ndarray:
     box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
     img = img.crop(box)
     img = img.resize((resolution, resolution), resample=Image.BICUBIC, reducing_gap=1)
-    arr = np.array(img).astype(np.float32) / 127.5 - 1
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return np.asarray(img)
+
+
+def decoder_normalize(arr: np.ndarray) -> np.ndarray:
+    """(R, R, 3) uint8 from `decoder_resized` -> (3, R, R) float32 in [-1, 1]."""
+    x = arr.astype(np.float32) / 127.5 - 1
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+class ImageMemo:
+    """Decoded, resized images (uint8, before normalization) kept from one epoch to the next.
+
+    The reference decodes and resizes every image again in every epoch; the preprocessing is
+    deterministic, so the uint8 arrays after the resize are all a later epoch needs, and the
+    float batch built from them is the same to the bit. Rows are kept in the order they are
+    first seen until `max_bytes` is used; later rows are decoded every time (no eviction: a
+    shuffled order would evict each row before its next use). Thread-safe (the decode threads
+    share it).
+
+    Parameters:
+        max_bytes: the budget for all arrays kept; 0 keeps none.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.used = 0
+        self._rows: dict[Any, tuple] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key) -> tuple | None:
+        return self._rows.get(key)
+
+    def offer(self, key, arrays: tuple) -> None:
+        size = sum(a.nbytes for a in arrays if a is not None)
+        with self._lock:
+            if key not in self._rows and self.used + size <= self.max_bytes:
+                self._rows[key] = arrays
+                self.used += size
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
 
 def tokenize(tokenizer, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -279,6 +336,7 @@ class BatchBuilder:
     `text_mask` (B, 77) bool with a caption column and tokenizer (prior); `pixel_values`
     (B, 3, R, R) float32 with a resolution (decoder). A list caption is drawn with a generator
     seeded by (seed, epoch, index), so a resumed run picks the captions an uninterrupted one would.
+    With a `memo`, each row is decoded and resized once while the memo has room.
     """
 
     def __init__(
@@ -292,6 +350,7 @@ class BatchBuilder:
         image_processor_config: dict | ClipSpec = IMAGE_PROCESSOR,
         seed: int | None = 0,
         num_threads: int = 1,
+        memo: ImageMemo | None = None,
     ):
         import datasets
 
@@ -304,6 +363,7 @@ class BatchBuilder:
         self.clip = clip_spec(image_processor_config)
         self.seed = 0 if seed is None else int(seed)
         self.num_threads = max(1, int(num_threads))
+        self.memo = memo
         self._executor: ThreadPoolExecutor | None = None
         columns = [image_column] + ([caption_column] if caption_column else [])
         ds = dataset.select_columns(columns).with_format(None)
@@ -319,12 +379,20 @@ class BatchBuilder:
         return len(self._dataset)
 
     def _pixels(self, value: Any, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        image = decode_image(value, index, self._mode)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        clip = clip_pixels(image, self.clip)
-        pixels = decoder_pixels(image, self.resolution) if self.resolution else None
-        return clip, pixels
+        key = (id(self), index)  # a memo may be shared with another builder (DreamBooth's)
+        resized = self.memo.get(key) if self.memo is not None else None
+        if resized is None:
+            image = decode_image(value, index, self._mode)
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            resized = (
+                clip_resized(image, self.clip),
+                decoder_resized(image, self.resolution) if self.resolution else None,
+            )
+            if self.memo is not None:
+                self.memo.offer(key, resized)
+        clip = clip_normalize(resized[0], self.clip)
+        return clip, None if resized[1] is None else decoder_normalize(resized[1])
 
     def __call__(
         self, indices: np.ndarray, epoch: int, *, with_captions: bool = True

@@ -32,6 +32,7 @@ from kandinsky_common.flags import TrainConfig, script_name
 from kandinsky_common.folders import write_json
 from kandinsky_common.preprocess import (
     BatchBuilder,
+    ImageMemo,
     caption_choice,
     load_image_processor_config,
 )
@@ -288,6 +289,7 @@ def plan_run(
     process_index: int,
     per_process_batch: int | None = None,
     builder_threads: int = 1,
+    memo_copies: int = 1,
     resumed_state: dict | None = None,
 ) -> RunPlan:
     """per_process_batch: examples per process and micro-step (default: --train_batch_size, the
@@ -337,6 +339,12 @@ def plan_run(
         fresh = int(np.random.SeedSequence().entropy % 2**31)
         seed = resumed_state["seed"] if resumed_state else fresh
 
+    # The decoded images are kept for later epochs, except where the embeddings cache replaces
+    # them; each of `memo_copies` (torch's DataLoader workers) keeps its own share of the budget.
+    memo = None
+    if cfg.image_memory_mb and not cfg.embeddings_cache:
+        memo = ImageMemo(cfg.image_memory_mb * 2**20 // max(1, memo_copies))
+
     def builder_of(data) -> BatchBuilder:
         return BatchBuilder(
             data,
@@ -347,6 +355,7 @@ def plan_run(
             image_processor_config=load_image_processor_config(prior_folder),
             seed=seed,
             num_threads=builder_threads,
+            memo=memo,
         )
 
     builder = builder_of(dataset)

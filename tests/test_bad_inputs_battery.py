@@ -216,6 +216,11 @@ CASES = [
     ),
     Case("train batch size 0", lambda c: {"train_batch_size": 0}, ("--train_batch_size",)),
     Case(
+        "negative image memory",
+        lambda c: {"image_memory_mb": -1},
+        ("--image_memory_mb -1 is negative", "pass 0"),
+    ),
+    Case(
         "mesh larger than the devices",
         lambda c: {"mesh_shape": "data=3,fsdp=3"},
         ("mesh_shape", "devices"),

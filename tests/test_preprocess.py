@@ -15,6 +15,7 @@ from kandinsky_common.model_configs import IMAGE_PROCESSOR
 from kandinsky_common.prefetch import Prefetcher
 from kandinsky_common.preprocess import (
     BatchBuilder,
+    ImageMemo,
     caption_choice,
     choose_caption,
     clip_pixels,
@@ -281,6 +282,44 @@ def test_batch_builder_decoder_batch_and_threads(tmp_path):
     two.close()
     for key in batch:
         np.testing.assert_array_equal(batch[key], threaded[key])
+
+
+def test_image_memo_keeps_the_batches_bit_identical_and_skips_decoding(tmp_path, monkeypatch):
+    from kandinsky_common import preprocess
+
+    ds, _ = _dataset(tmp_path, captions=False)
+    decoded = []
+    real_decode = preprocess.decode_image
+    monkeypatch.setattr(
+        preprocess,
+        "decode_image",
+        lambda v, i=None, m=None: decoded.append(i) or real_decode(v, i, m),
+    )
+    plain = BatchBuilder(ds, image_column="image", resolution=64)
+    memo = ImageMemo(1 << 30)
+    kept = BatchBuilder(ds, image_column="image", resolution=64, memo=memo, num_threads=2)
+    idx = np.array([3, 0, 5, 1])
+    first = kept(idx, epoch=0)
+    assert sorted(decoded) == [0, 1, 3, 5] and len(memo) == 4
+    decoded.clear()
+    again = kept(idx[::-1], epoch=1)
+    assert decoded == []  # every row came from the memo
+    expected = plain(idx, epoch=0)
+    for key in expected:
+        np.testing.assert_array_equal(first[key], expected[key])
+        np.testing.assert_array_equal(again[key][::-1], expected[key])
+    # 224x224x3 CLIP plus 64x64x3 decoder bytes per row: a budget of two rows keeps two.
+    row_bytes = 224 * 224 * 3 + 64 * 64 * 3
+    small = ImageMemo(2 * row_bytes)
+    other = BatchBuilder(ds, image_column="image", resolution=64, memo=small)
+    shared = BatchBuilder(ds, image_column="image", resolution=64, memo=small)
+    other(np.array([0, 1, 2]), epoch=0)
+    assert len(small) == 2 and small.used == 2 * row_bytes
+    decoded.clear()
+    batch = shared(np.array([0, 1]), epoch=0)  # another builder's rows are not its own
+    assert decoded == [0, 1]
+    np.testing.assert_array_equal(batch["pixel_values"], expected["pixel_values"][[1, 3]])
+    kept.close()
 
 
 def test_batch_builder_names_a_corrupt_file(tmp_path):

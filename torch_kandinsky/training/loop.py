@@ -142,6 +142,7 @@ def set_up(cfg: TrainConfig, stage_name: str, accelerator: Accelerator) -> Run:
         prior_folder=stage.prior_folder,
         num_processes=accelerator.num_processes,
         process_index=accelerator.process_index,
+        memo_copies=cfg.dataloader_num_workers,  # each worker process keeps its own
     )
     if cfg.embeddings_cache:
         plan.use_cache(
