@@ -225,6 +225,13 @@ class ImageMemo:
     def __len__(self) -> int:
         return len(self._rows)
 
+    def __getstate__(self) -> dict:
+        # A DataLoader worker started by spawn or forkserver gets its own empty memo.
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_bytes"])
+
 
 def tokenize(tokenizer, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids int64 (B, L), attention_mask bool (B, L)), L = tokenizer.model_max_length."""

@@ -2,6 +2,7 @@
 
 import io
 import json
+import pickle
 import threading
 import time
 
@@ -320,6 +321,9 @@ def test_image_memo_keeps_the_batches_bit_identical_and_skips_decoding(tmp_path,
     assert decoded == [0, 1]
     np.testing.assert_array_equal(batch["pixel_values"], expected["pixel_values"][[1, 3]])
     kept.close()
+    # A DataLoader worker started by spawn receives a pickled builder: its memo starts empty.
+    copy = pickle.loads(pickle.dumps(memo))
+    assert (copy.max_bytes, len(copy), copy.used) == (memo.max_bytes, 0, 0)
 
 
 def test_batch_builder_names_a_corrupt_file(tmp_path):
