@@ -21,6 +21,17 @@ def image_processor(prior_folder) -> CLIPImageProcessorPil:
     return CLIPImageProcessorPil.from_pretrained(prior_folder, subfolder="image_processor")
 
 
+def memory_failure(e: BaseException) -> str | None:
+    """What ran out when `e` is a failed allocation (CUDA or the CPU allocator), else None."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return "GPU memory"
+    if isinstance(e, RuntimeError) and (
+        "can't allocate memory" in str(e) or "DefaultCPUAllocator" in str(e)
+    ):
+        return "host memory (RAM)"
+    return None
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from kandinsky_common.images import save_grid
-from torch_kandinsky.sampling import Sampler
+from kandinsky_common.run import class_images_out_of_memory, validation_out_of_memory
+from torch_kandinsky.sampling import Sampler, memory_failure
 
 
 class Validator:
@@ -24,26 +27,41 @@ class Validator:
 
     def __init__(self, cfg, stage, accelerator):
         self.cfg, self.stage, self.accelerator = cfg, stage, accelerator
+        self.out_of_memory = False  # validation stopped: its images did not fit
 
     def __call__(self, model, step: int, ema=None) -> Path | None:
+        """Render with `model` (its `ema` weights when given). Images that do not fit in memory
+        give one warning, and the run goes on without validation (None)."""
         acc, cfg = self.accelerator, self.cfg
-        if not acc.is_main_process:
+        if not acc.is_main_process or self.out_of_memory:
             return None
         net = acc.unwrap_model(model)
         if ema is not None:
             ema.store(net.parameters())
             ema.copy_to(net.parameters())
-        images = generate(
-            self.stage,
-            net,
-            cfg.validation_prompts,
-            size=cfg.resolution,
-            steps=cfg.validation_steps,
-            seed=cfg.seed,
-            device=acc.device,
-        )
-        if ema is not None:
-            ema.restore(net.parameters())
+        try:
+            images = generate(
+                self.stage,
+                net,
+                cfg.validation_prompts,
+                size=cfg.resolution,
+                steps=cfg.validation_steps,
+                seed=cfg.seed,
+                device=acc.device,
+            )
+        except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one too
+            what = memory_failure(e)
+            if what is None:
+                raise
+            self.out_of_memory = True
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the failed render's cached blocks, back to training
+            # on a line of its own, under the progress bar
+            tqdm.write(validation_out_of_memory(cfg, self.stage.spec.name, what), file=sys.stderr)
+            return None
+        finally:
+            if ema is not None:
+                ema.restore(net.parameters())
         path = log_images(acc, images, step, cfg.output_dir)
         acc.print(f"validation images: {path}")
         return path
@@ -58,11 +76,14 @@ def generate(stage, model, prompts, *, size, steps, seed, device) -> list[Image.
     # pipelines pass tensors between them in one dtype (the decoder hands the UNet's fp32 latents
     # to the movq), so they run under autocast, as the training forward does.
     mixed = stage.weight_dtype != torch.float32
-    with torch.autocast(device.type, dtype=stage.weight_dtype, enabled=mixed):
-        sampler = Sampler(prior_pipe, decoder_pipe, device)
-        images = sampler.generate(prompts, height=size, width=size, decoder_steps=steps, seed=seed)
-    model.train(was_training)
-    return images
+    try:
+        with torch.autocast(device.type, dtype=stage.weight_dtype, enabled=mixed):
+            sampler = Sampler(prior_pipe, decoder_pipe, device)
+            return sampler.generate(
+                prompts, height=size, width=size, decoder_steps=steps, seed=seed
+            )
+    finally:  # also when the images did not fit: training goes on in train mode
+        model.train(was_training)
 
 
 def log_images(accelerator, images: list[Image.Image], step: int, output_dir: str) -> Path:
@@ -93,6 +114,14 @@ def class_image_generator(cfg, device):
     def generate(prompts, seed):
         size = cfg.resolution
         steps = cfg.class_image_steps
-        return sampler.generate(prompts, height=size, width=size, decoder_steps=steps, seed=seed)
+        try:
+            return sampler.generate(
+                prompts, height=size, width=size, decoder_steps=steps, seed=seed
+            )
+        except RuntimeError as e:
+            what = memory_failure(e)
+            if what is None:
+                raise
+            raise class_images_out_of_memory(cfg, what) from None
 
     return generate

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from flax_kandinsky import sharding as sh
 from flax_kandinsky.checkpoint import CheckpointStore
 from flax_kandinsky.hosts import agreed, check_shared, init_distributed
-from flax_kandinsky.sampling import memory_failure
+from flax_kandinsky.sampling import memory_failure, use_cpu_low_memory_schedule
 from flax_kandinsky.stages import make_stage
 from flax_kandinsky.training.optim import LRSchedule, hyperparameters, make_optimizer
 from flax_kandinsky.training.step import (
@@ -83,6 +83,11 @@ def _gather_to_host(tree):
 def configure_jax(cfg: TrainConfig) -> None:
     """The process-wide JAX settings the flags ask for: the distributed runtime, TF32 matmuls and
     the persistent compilation cache. Once per process, before anything touches a device."""
+    if cfg.validation_prompts or cfg.with_prior_preservation:
+        # The run samples images (validation, class images): on XLA:CPU the default scheduler
+        # starts every block of the sampler's chunked attention at once (the tiny test fixture's
+        # validation at 512 px asked for 35 GB). XLA reads the flag at start-up only.
+        use_cpu_low_memory_schedule()
     init_distributed(cfg)
     if cfg.allow_tf32:
         jax.config.update("jax_default_matmul_precision", "tensorfloat32")

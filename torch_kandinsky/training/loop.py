@@ -30,6 +30,7 @@ from kandinsky_common.hub import check_hub, push_folder
 from kandinsky_common.preemption import PreemptionGuard
 from kandinsky_common.run import NOTHING_LEFT, RunPlan, out_of_memory, plan_run, write_summary
 from torch_kandinsky.checkpoint import CheckpointStore
+from torch_kandinsky.sampling import memory_failure
 from torch_kandinsky.stages import make_stage
 from torch_kandinsky.training.optim import (
     make_ema,
@@ -253,7 +254,7 @@ def run_updates(run: Run, validator: Validator) -> str | None:
                 if step != plan.max_train_steps and plan.validation_due(micros):
                     validator(run.model, step, run.ema)
     except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one too
-        what = _memory_failure(e)
+        what = memory_failure(e)
         if what is None:
             raise
         raise out_of_memory(cfg, stage.spec.name, what) from None
@@ -311,15 +312,6 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
     validator = Validator(cfg, run.stage, accelerator)
     stopped_by = run_updates(run, validator)
     return finish(run, validator, stopped_by)
-
-
-def _memory_failure(e: RuntimeError) -> str | None:
-    """What ran out when `e` is a failed allocation (CUDA or the CPU allocator), else None."""
-    if isinstance(e, torch.OutOfMemoryError):
-        return "GPU memory"
-    if "can't allocate memory" in str(e) or "DefaultCPUAllocator" in str(e):
-        return "host memory (RAM)"
-    return None
 
 
 def _skip_state(skips) -> dict:
