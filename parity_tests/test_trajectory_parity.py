@@ -104,3 +104,26 @@ def _flax_checkpoint_params(stage, tiny_folders, out, flags):
         state, _ = store.restore(UPDATES, target, stage=stage)
     table = PRIOR_TABLE if stage == "prior" else UNET_TABLE
     return table.to_torch(flatten(state["params"]))
+
+
+def test_resume_with_other_optimizer_flags_matches(tiny_folders, sample_dataset, tmp_path, tol):
+    """Resumed with another learning rate, schedule, horizon and Adam settings, both backends
+    train with the new ones from the first resumed update (accelerate restores the checkpoint's
+    param groups and base LRs: torch kept the old ones, as the reference does)."""
+    first = dict(max_train_steps=3, checkpointing_steps=3, report_to="none", learning_rate=1e-4)
+    then = dict(
+        first, resume_from_checkpoint="latest", max_train_steps=6, learning_rate=3e-4,
+        lr_scheduler="cosine", lr_warmup_steps=1, adam_beta1=0.8, adam_beta2=0.99,
+        adam_epsilon=1e-6, adam_weight_decay=0.1,
+    )  # fmt: skip
+    losses = {}
+    for backend in ("torch", "flax"):
+        out, data = tmp_path / backend, (tiny_folders, sample_dataset)
+        batch = 8 if backend == "torch" else 8 // jax.device_count()
+        _run(backend, "prior", *data, out, train_batch_size=batch, **first)
+        resumed = _run(backend, "prior", *data, out, train_batch_size=batch, **then)
+        losses[backend] = np.asarray(resumed["losses"])
+    lt, lf = losses["torch"], losses["flax"]
+    assert lt.shape == lf.shape == (3,)
+    worst = float(np.max(np.abs(lf - lt) / np.abs(lt)))
+    assert worst <= tol["trajectory_loss"], (worst, lt, lf)

@@ -33,6 +33,7 @@ from torch_kandinsky.checkpoint import CheckpointStore
 from torch_kandinsky.sampling import memory_failure
 from torch_kandinsky.stages import make_stage
 from torch_kandinsky.training.optim import (
+    apply_optimizer_flags,
     make_ema,
     make_lr_scheduler,
     make_optimizer,
@@ -175,6 +176,7 @@ def set_up(cfg: TrainConfig, stage_name: str, accelerator: Accelerator) -> Run:
     if plan.resume is not None:
         # 'latest' falls back past damaged checkpoints (warning); plan.resume follows.
         resumed = store.resume(plan, model, cfg.resume_from_checkpoint)
+        apply_optimizer_flags(cfg, optimizer, lr_scheduler)
         run.global_step = resumed["global_step"]
         accelerator.print(f"resumed from {plan.resume} at update {run.global_step}")
         if plan.finished:

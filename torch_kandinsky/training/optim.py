@@ -48,6 +48,28 @@ def make_lr_scheduler(cfg: TrainConfig, optimizer, max_train_steps: int):
     )
 
 
+def apply_optimizer_flags(cfg: TrainConfig, optimizer, lr_scheduler) -> None:
+    """After a resume, this run's --learning_rate, schedule, horizon and Adam flags, as flax's
+    step reads them every update.
+
+    accelerate restores the checkpoint's param groups (lr, betas, eps, weight decay) and the
+    schedule's base LRs: the resumed run would keep the old learning rate and Adam settings,
+    and take its first update at the LR the old schedule had set (the reference does). Here the
+    next update uses the new schedule at the restored position.
+    """
+    lr_scheduler.base_lrs = [cfg.learning_rate for _ in optimizer.param_groups]
+    for group, rule in zip(optimizer.param_groups, lr_scheduler.lr_lambdas, strict=True):
+        group.update(
+            initial_lr=cfg.learning_rate,
+            lr=cfg.learning_rate * rule(lr_scheduler.last_epoch),
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            weight_decay=cfg.adam_weight_decay,
+        )
+    # what get_last_lr() reports (the logged lr) until the schedule's next step
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def make_ema(model: torch.nn.Module) -> EMAModel:
     """EMAModel with the reference's defaults (decay 0.9999, warm-up formula (1+s)/(10+s))."""
     return EMAModel(
