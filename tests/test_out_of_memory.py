@@ -73,6 +73,8 @@ def test_validation_out_of_memory_warns_once_and_training_goes_on(
         raise _fail_to_allocate(backend)
 
     monkeypatch.setattr(sampler, "generate", generate)
+    # the run sets XLA_FLAGS for this process (the low-memory schedule): put them back after
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
     prior, decoder = tiny_folders
     out = tmp_path / "out"
     # 32 photos at batch 16: epoch 0 ends at update 2, validated before updates 3-4 run
