@@ -52,18 +52,32 @@ def _free_names(folder: Path, count: int) -> list[Path]:
     return names
 
 
+def out_of_memory(cfg, what: str) -> UserError:
+    """The line for class images that do not fit in memory while generated."""
+    size, batch = cfg.resolution, cfg.sample_batch_size
+    fix = f"--sample_batch_size 1 (it is {batch}), or " if batch > 1 else ""
+    return UserError(
+        f"generating class images at {size}x{size} px ran out of {what}; pass {fix}put "
+        f"{cfg.num_class_images} images of {cfg.class_prompt!r} in {cfg.class_data_dir} yourself "
+        "(the ones generated so far are kept there)"
+    )
+
+
 def fill_class_images(
     cfg,
     make_generator: Callable[[], Callable[[list[str], int], list]],
     *,
     is_main: bool,
     barrier: Callable[[], None],
+    memory_failure: Callable[[BaseException], str | None] = lambda e: None,
 ) -> int:
     """Generate the class images `--class_data_dir` lacks (up to `--num_class_images`) on the
     main process, `--sample_batch_size` at a time with a progress bar, each written whole (a
     temporary name, then renamed), so a killed fill keeps what it finished and the next run
     generates only the rest. `make_generator()` (called only when images are missing) returns
-    `generate(prompts, seed)` -> PIL images. Returns how many were missing."""
+    `generate(prompts, seed)` -> PIL images; `memory_failure` (the backend's) names what ran out
+    when an error is a failed allocation, which ends the run in one line. Returns how many were
+    missing."""
     folder = Path(cfg.class_data_dir)
     missing = cfg.num_class_images - len(image_files(folder))
     if missing > 0 and is_main:
@@ -74,7 +88,13 @@ def fill_class_images(
         with tqdm(total=missing, desc="class images") as bar:
             for start in range(0, missing, cfg.sample_batch_size):
                 batch = names[start : start + cfg.sample_batch_size]
-                images = generate([cfg.class_prompt] * len(batch), base_seed + start)
+                try:
+                    images = generate([cfg.class_prompt] * len(batch), base_seed + start)
+                except Exception as e:
+                    what = memory_failure(e)
+                    if what is None:
+                        raise
+                    raise out_of_memory(cfg, what) from None
                 for path, image in zip(batch, images, strict=True):
                     tmp = path.with_name(f".{path.name}.tmp")
                     image.save(tmp, format="PNG")

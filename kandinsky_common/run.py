@@ -280,17 +280,6 @@ def validation_out_of_memory(cfg: TrainConfig, stage: str, what: str) -> str:
     )
 
 
-def class_images_out_of_memory(cfg: TrainConfig, what: str) -> UserError:
-    """The line for DreamBooth class images that do not fit in memory while generated."""
-    size, batch = cfg.resolution, cfg.sample_batch_size
-    fix = f"--sample_batch_size 1 (it is {batch}), or " if batch > 1 else ""
-    return UserError(
-        f"generating class images at {size}x{size} px ran out of {what}; pass {fix}put "
-        f"{cfg.num_class_images} images of {cfg.class_prompt!r} in {cfg.class_data_dir} yourself "
-        "(the ones generated so far are kept there)"
-    )
-
-
 def write_summary(out: Path, summary: dict, losses: list[float]) -> None:
     """train_summary.json, with the first and last loss of this invocation's updates. A resume
     that had nothing left to train keeps the losses the file already records."""

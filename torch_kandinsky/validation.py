@@ -11,7 +11,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from kandinsky_common.images import save_grid
-from kandinsky_common.run import class_images_out_of_memory, validation_out_of_memory
+from kandinsky_common.run import validation_out_of_memory
 from torch_kandinsky.sampling import Sampler, memory_failure
 
 
@@ -114,14 +114,6 @@ def class_image_generator(cfg, device):
     def generate(prompts, seed):
         size = cfg.resolution
         steps = cfg.class_image_steps
-        try:
-            return sampler.generate(
-                prompts, height=size, width=size, decoder_steps=steps, seed=seed
-            )
-        except RuntimeError as e:
-            what = memory_failure(e)
-            if what is None:
-                raise
-            raise class_images_out_of_memory(cfg, what) from None
+        return sampler.generate(prompts, height=size, width=size, decoder_steps=steps, seed=seed)
 
     return generate

@@ -158,6 +158,7 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
             lambda: class_image_generator(cfg),
             is_main=jax.process_index() == 0,
             barrier=lambda: multihost_utils.sync_global_devices("class_images"),
+            memory_failure=memory_failure,
         )
     plan = plan_run(
         cfg,

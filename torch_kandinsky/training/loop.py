@@ -135,6 +135,7 @@ def set_up(cfg: TrainConfig, stage_name: str, accelerator: Accelerator) -> Run:
             lambda: class_image_generator(cfg, accelerator.device),
             is_main=main,
             barrier=accelerator.wait_for_everyone,
+            memory_failure=memory_failure,
         )
     plan = plan_run(
         cfg,
