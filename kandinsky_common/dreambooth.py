@@ -69,7 +69,7 @@ def fill_class_images(
     *,
     is_main: bool,
     barrier: Callable[[], None],
-    memory_failure: Callable[[BaseException], str | None] = lambda e: None,
+    memory_failure: Callable[[BaseException], str | None],
 ) -> int:
     """Generate the class images `--class_data_dir` lacks (up to `--num_class_images`) on the
     main process, `--sample_batch_size` at a time with a progress bar, each written whole (a

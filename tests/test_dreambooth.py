@@ -115,11 +115,21 @@ def test_a_class_image_fill_goes_on_where_it_stopped(tmp_path):
 
         return generate
 
-    assert fill_class_images(Cfg, make, is_main=True, barrier=lambda: None) == 4
+    assert (
+        fill_class_images(
+            Cfg, make, is_main=True, barrier=lambda: None, memory_failure=lambda e: None
+        )
+        == 4
+    )
     assert calls == [(2, 0), (2, 2)]
     names = [p.name for p in image_files(tmp_path / "cls")]
     assert names == [f"class-{i:05d}.png" for i in range(5)]
-    assert fill_class_images(Cfg, make, is_main=True, barrier=lambda: None) == 0
+    assert (
+        fill_class_images(
+            Cfg, make, is_main=True, barrier=lambda: None, memory_failure=lambda e: None
+        )
+        == 0
+    )
     assert len(calls) == 2  # nothing missing: no model loaded, nothing generated
 
 
