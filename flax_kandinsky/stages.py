@@ -60,6 +60,11 @@ def _dtypes(cfg: TrainConfig) -> dict:
     )
 
 
+def encoder_dtype(cfg: TrainConfig):
+    """The dtype of the frozen encoders' outputs under --mixed_precision (None: float32)."""
+    return _dtypes(cfg)["dtype"]
+
+
 def _lora_kw(cfg: TrainConfig, spec: StageSpec) -> dict:
     """The LoRA keywords of a stage constructor, from a LoRA script's flags (none otherwise)."""
     lora = LoraSettings.from_config(cfg, spec)

@@ -70,6 +70,11 @@ def validate(cfg, stage: str) -> None:
             f"--image_memory_mb {cfg.image_memory_mb} is negative; pass 0 to decode every image in "
             "every epoch, or the MB of host memory to keep decoded images in"
         )
+    if cfg.encoder_memory_mb < 0:
+        raise UserError(
+            f"--encoder_memory_mb {cfg.encoder_memory_mb} is negative; pass 0 to run the frozen "
+            "encoders on every batch, or the MB of host memory to keep their outputs in"
+        )
     spec = SPECS[stage]
     if spec.uses_resolution and cfg.resolution % 64:
         raise UserError(

@@ -142,6 +142,12 @@ class TrainConfig:
         "Host memory (MB per process) for decoded, resized training images kept from one epoch "
         "to the next, so later epochs skip decoding; 0 decodes every image in every epoch.",
     )
+    encoder_memory_mb: int = _f(
+        1024,
+        "Host memory (MB) for the frozen encoders' outputs kept from one epoch to the next, so "
+        "later epochs skip the encoders; 0 encodes every batch in every epoch. Single-process "
+        "runs without --embeddings_cache.",
+    )
     compile_cache_dir: str | None = _f(
         "~/.cache/kandinsky_finetune/jax_compile",
         "flax: persistent XLA compilation cache and the traced step's stored program ('' to "
@@ -183,6 +189,7 @@ OUR_FLAGS = (
     "process_id",
     "embeddings_cache",
     "image_memory_mb",
+    "encoder_memory_mb",
     "compile_cache_dir",
     "attention",
     "skip_nonfinite_updates",

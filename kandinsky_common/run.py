@@ -27,6 +27,7 @@ from kandinsky_common.cache import (
 )
 from kandinsky_common.data import check_image_files, load_train_dataset
 from kandinsky_common.dreambooth import prompt_dataset
+from kandinsky_common.encoded_memo import EncodedMemo
 from kandinsky_common.errors import UserError
 from kandinsky_common.flags import TrainConfig, script_name
 from kandinsky_common.folders import write_json
@@ -59,6 +60,7 @@ class RunPlan:
     resumed_state: dict | None
     cache: EmbeddingCache | None = None  # set by use_cache: batches are then encoder outputs
     class_builder: BatchBuilder | None = None  # DreamBooth's class images (prior preservation)
+    memo: EncodedMemo | None = None  # --encoder_memory_mb: encoder outputs kept between epochs
 
     @property
     def batch_factor(self) -> int:
@@ -92,7 +94,11 @@ class RunPlan:
 
     def batch(self, micro: int) -> dict[str, np.ndarray]:
         """This process's numpy batch of micro-step `micro`: a pure function of the position
-        (preprocessed examples, or their cached encoder outputs)."""
+        (preprocessed examples, or their encoder outputs: from the cache, or kept in memory from
+        an earlier epoch; `is_encoded` tells which)."""
+        kept = self.recall(micro)
+        if kept is not None:
+            return kept
         epoch, step = self.position(micro)
         rows = self.sampler.indices(epoch, step)
         if self.cache is not None:
@@ -111,9 +117,41 @@ class RunPlan:
         instances = self.builder(rows % len(self.dataset), epoch)
         classes = self.class_builder(rows % len(self.class_builder), epoch)
         batch = {k: np.concatenate([instances[k], classes[k]]) for k in instances}
-        weight = self.cfg.prior_loss_weight
-        batch["loss_weight"] = np.repeat(np.float32([2.0, 2.0 * weight]), len(rows))
+        batch["loss_weight"] = self._loss_weights(len(rows))
         return batch
+
+    def _loss_weights(self, rows: int) -> np.ndarray:
+        weight = self.cfg.prior_loss_weight
+        return np.repeat(np.float32([2.0, 2.0 * weight]), rows)
+
+    def is_encoded(self, batch: dict[str, np.ndarray]) -> bool:
+        """Whether `batch` holds encoder outputs (the step skips the encoders) or their inputs."""
+        return set(self.spec.encoded_keys) <= batch.keys()
+
+    def _memo_keys(self, micro: int) -> list[tuple[str, int]]:
+        """The examples of micro-step `micro`, in batch order, as the memo names them."""
+        rows = self.sampler.indices(*self.position(micro)).tolist()
+        if self.class_builder is None:
+            return [("row", r) for r in rows]
+        n, m = len(self.dataset), len(self.class_builder)
+        return [("instance", r % n) for r in rows] + [("class", r % m) for r in rows]
+
+    def recall(self, micro: int) -> dict[str, np.ndarray] | None:
+        """The encoder outputs of micro-step `micro` kept from an earlier epoch (with its
+        DreamBooth loss weights), or None unless every example of it is kept."""
+        if self.memo is None:
+            return None
+        batch = self.memo.batch(self._memo_keys(micro))
+        if batch is not None and self.class_builder is not None:
+            batch["loss_weight"] = self._loss_weights(len(batch["image_embeds"]) // 2)
+        return batch
+
+    def remember(self, micro: int, encoded: dict[str, np.ndarray]) -> None:
+        """Keep the encoder outputs of micro-step `micro` (reference layout, numpy) for later
+        epochs, while the budget lasts."""
+        if self.memo is not None:
+            outputs = {k: v for k, v in encoded.items() if k != "loss_weight"}
+            self.memo.offer(self._memo_keys(micro), outputs)
 
     def use_cache(
         self,
@@ -377,6 +415,9 @@ def plan_run(
 
     builder = builder_of(dataset)
     class_builder = None if class_dataset is None else builder_of(class_dataset)
+    encoded_memo = None
+    if _keeps_encoder_outputs(cfg, spec, dataset, num_processes):
+        encoded_memo = EncodedMemo(cfg.encoder_memory_mb * 2**20)
     # DreamBooth pairs row r with instance r mod n and class image r mod m (diffusers' length)
     rows = len(dataset) if class_dataset is None else max(len(dataset), len(class_dataset))
     sampler = EpochSampler(
@@ -414,4 +455,18 @@ def plan_run(
         resume=resume,
         resumed_state=resumed_state,
         class_builder=class_builder,
+        memo=encoded_memo,
     )
+
+
+def _keeps_encoder_outputs(cfg: TrainConfig, spec: StageSpec, dataset, num_processes: int) -> bool:
+    """Whether a run keeps its encoder outputs between epochs (`--encoder_memory_mb`): not with
+    the embeddings cache (which holds them already), not over several processes (each process
+    draws other rows every epoch, so its memo would hardly ever hold a whole batch), and not with
+    several captions per image (each epoch draws another caption, so other text outputs)."""
+    if not cfg.encoder_memory_mb or cfg.embeddings_cache or num_processes > 1:
+        return False
+    if spec.uses_captions:
+        feature = dataset.features.get(cfg.caption_column)
+        return getattr(feature, "dtype", None) == "string"
+    return True

@@ -221,6 +221,11 @@ CASES = [
         ("--image_memory_mb -1 is negative", "pass 0"),
     ),
     Case(
+        "negative encoder memory",
+        lambda c: {"encoder_memory_mb": -1},
+        ("--encoder_memory_mb -1 is negative", "pass 0"),
+    ),
+    Case(
         "mesh larger than the devices",
         lambda c: {"mesh_shape": "data=3,fsdp=3"},
         ("mesh_shape", "devices"),

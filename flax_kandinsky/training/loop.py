@@ -24,12 +24,13 @@ from flax_kandinsky import sharding as sh
 from flax_kandinsky.checkpoint import CheckpointStore
 from flax_kandinsky.hosts import agreed, check_shared, init_distributed
 from flax_kandinsky.sampling import memory_failure, use_cpu_low_memory_schedule
-from flax_kandinsky.stages import make_stage
+from flax_kandinsky.stages import encoder_dtype, make_stage
 from flax_kandinsky.training.optim import LRSchedule, hyperparameters, make_optimizer
 from flax_kandinsky.training.step import (
     abstract_inputs,
     encode_frozen,
     init_state,
+    make_encoder,
     make_train_step,
     split_stage,
     step_hyperparameters,
@@ -49,12 +50,14 @@ from kandinsky_common.storage import location
 from kandinsky_common.tracking import Tracker
 
 
-def host_batches(plan: RunPlan, stage, first_update: int, shape: tuple[int, ...]):
-    """Per update: this process's (batch, noise, timesteps), micro-batches stacked on axis 0."""
+def host_batches(plan: RunPlan, stage, first_update: int, shape: tuple[int, ...], encode=None):
+    """Per update: this process's (batch, noise, timesteps), micro-batches stacked on axis 0.
+    With `encode` (the epochs' memo is on), every batch is encoder outputs: kept from an earlier
+    epoch, or encoded here and kept."""
     pid = jax.process_index()
     for update in range(first_update, plan.max_train_steps):
         micros = range(update * plan.accum, (update + 1) * plan.accum)
-        batches = [plan.batch(m) for m in micros]
+        batches = [_step_batch(plan, m, encode) for m in micros]
         draws = [
             noise_stream.draw(plan.seed, m, pid, shape, stage.schedule.num_train_timesteps)
             for m in micros
@@ -63,6 +66,17 @@ def host_batches(plan: RunPlan, stage, first_update: int, shape: tuple[int, ...]
         noise = np.stack([stage.noise_layout(n) for n, _ in draws])  # (accum, B, ...)
         timesteps = np.stack([t for _, t in draws])  # (accum, B)
         yield update, batch, noise, timesteps
+
+
+def _step_batch(plan: RunPlan, micro: int, encode) -> dict[str, np.ndarray]:
+    batch = plan.batch(micro)
+    if encode is None or plan.is_encoded(batch):
+        return batch
+    encoded = encode(batch)
+    plan.remember(micro, encoded)
+    if "loss_weight" in batch:  # DreamBooth's per-example weights ride along
+        encoded["loss_weight"] = batch["loss_weight"]
+    return encoded
 
 
 def device_batches(mesh, batches):
@@ -113,6 +127,8 @@ class Run:
         state, consts: the sharded training state and the frozen arrays the step reads.
         hyper: the step's constant hyperparameters, on the devices (the LR is added per update).
         store: the run's CheckpointStore; global_step, skipped: updates done and skipped so far.
+        encode: numpy batch -> its encoder outputs, when the step reads encoder outputs that
+            the loop computes and keeps between epochs (`step.make_encoder`), else None.
     """
 
     cfg: TrainConfig
@@ -125,6 +141,7 @@ class Run:
     consts: Any
     hyper: dict
     store: CheckpointStore
+    encode: Any = None
     global_step: int = 0
     skipped: int = 0
     main: bool = field(default_factory=lambda: jax.process_index() == 0)
@@ -190,12 +207,22 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
         )
         del frozen
         consts = {"model_rest": consts["model_rest"]}  # the encoders never reach the devices
+    encode = None
+    if plan.memo is not None:
+        # Later epochs train on the encoder outputs of the first: the encoders leave the step
+        # and run beside it, on the prefetch thread, for batches not kept yet.
+        frozen = {k: consts[k] for k in stage.frozen}
+        frozen = jax.device_put(frozen, sh.tree_shardings(mesh, frozen))
+        encode = make_encoder(stage, graphdefs, mesh, frozen)
+        consts = {"model_rest": consts["model_rest"]}
+    encoded = plan.cache is not None or plan.memo is not None
     schedule = LRSchedule(cfg, plan.max_train_steps)
     tx = make_optimizer(cfg, plan.max_train_steps, schedule=schedule)
     abstract = jax.eval_shape(lambda p: init_state(p, tx, cfg.use_ema), params)
     options = {
         "use_ema": cfg.use_ema,
-        "encoded": plan.cache is not None,
+        "encoded": encoded,
+        "encoded_dtype": encoder_dtype(cfg) if encoded else None,
         "skip_nonfinite": cfg.skip_nonfinite_updates,
     }
     step = make_train_step(stage, graphdefs, mesh, abstract, consts, **options)
@@ -210,7 +237,7 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
         cfg.train_batch_size * mesh.size * plan.batch_factor,
         plan.accum,
         cfg.resolution,
-        plan.cache is not None,
+        encoded,
         mesh,
         weighted=plan.batch_factor > 1,
     )
@@ -235,7 +262,7 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
     del params
     store = CheckpointStore(cfg.output_dir, cfg.checkpoints_total_limit)
     fixed = sh.global_replicated(mesh, hyperparameters(cfg))
-    run = Run(cfg, stage, plan, mesh, schedule, compiled, state, consts, fixed, store)
+    run = Run(cfg, stage, plan, mesh, schedule, compiled, state, consts, fixed, store, encode)
     if plan.resume is not None:
         # 'latest' falls back past damaged checkpoints with a warning; an explicit one must read.
         run.state, meta = run.store.resume(cfg.resume_from_checkpoint, target, stage=stage_name)
@@ -324,7 +351,7 @@ def run_updates(run: Run, progress: Progress, validator: Validator) -> str | Non
     cfg, plan, stage = run.cfg, run.plan, run.stage
     per_process = cfg.train_batch_size * run.mesh.local_mesh.size * plan.batch_factor
     shape = stage.x0_shape(per_process, cfg.resolution)
-    batches = host_batches(plan, stage, run.global_step, shape)
+    batches = host_batches(plan, stage, run.global_step, shape, run.encode)
     source = Prefetcher(device_batches(run.mesh, batches), 2)
     try:
         with PreemptionGuard(sigint=True) as guard:

@@ -102,14 +102,62 @@ def encode_frozen(stage, graphdefs, consts, batch):
     return jax.lax.stop_gradient(stage.encode(frozen, batch))
 
 
+def make_encoder(stage, graphdefs, mesh, frozen):
+    """Frozen-encoder outputs of one numpy micro-batch, as float32 (or bool) numpy in the
+    reference layout: what the embeddings cache and the epochs' memo keep (`frozen`: the
+    encoders' pure dicts, on the devices with `sh.tree_shardings`). The batch is split over
+    the mesh as the step splits it; a process's batch must be the whole batch (one process)."""
+    rows = sh.batch_sharding(mesh, leading=0)
+
+    def encode(consts, batch):
+        out = stage.to_torch_layout(encode_frozen(stage, graphdefs, consts, batch))
+        return jax.tree.map(_as_stored, out)
+
+    fn = jax.jit(encode, out_shardings=rows)
+
+    def call(batch: dict) -> dict:
+        inputs = {k: v for k, v in batch.items() if k != "loss_weight"}
+        return jax.tree.map(np.asarray, fn(frozen, jax.device_put(inputs, rows)))
+
+    return call
+
+
+def _as_stored(x):
+    return x if x.dtype == jnp.bool_ else x.astype(jnp.float32)
+
+
+def encoded_batch(stage, batch, dtype):
+    """A batch of stored encoder outputs as the encoders would have given them: this backend's
+    layout, floats in the encoders' compute `dtype` (bfloat16 under --mixed_precision bf16, so
+    a run that reads stored outputs computes what one that encodes does; None: as stored)."""
+    enc = stage.from_torch_layout(batch)
+    if dtype is None:
+        return enc
+    return {
+        k: v.astype(dtype) if k != "loss_weight" and jnp.issubdtype(v.dtype, jnp.floating) else v
+        for k, v in enc.items()
+    }
+
+
 def stage_loss(
-    stage, graphdefs, params, consts, batch, noise, timesteps, alphas_cumprod, gamma, encoded=False
+    stage,
+    graphdefs,
+    params,
+    consts,
+    batch,
+    noise,
+    timesteps,
+    alphas_cumprod,
+    gamma,
+    encoded=False,
+    encoded_dtype=None,
 ):  # gamma: Min-SNR gamma (a number or a traced scalar) or None
     """Loss of the trainable params on one micro-batch. The frozen encoders run here, unless
-    `encoded`: then `batch` holds their cached outputs (reference layout)."""
+    `encoded`: then `batch` holds their stored outputs (reference layout, cast to
+    `encoded_dtype`)."""
     model = nnx.merge(graphdefs["model"], params, consts["model_rest"])
     if encoded:
-        enc = stage.from_torch_layout(batch)
+        enc = encoded_batch(stage, batch, encoded_dtype)
     else:
         enc = encode_frozen(stage, graphdefs, consts, batch)
     x0 = stage.x0(model, enc)
@@ -132,13 +180,15 @@ def make_train_step(
     use_ema,
     decay_mask=None,
     encoded=False,
+    encoded_dtype=None,
     skip_nonfinite=False,
 ) -> StepFn:
     """Jit the update for this stage; `state`/`consts` give shapes and shardings. The optimizer
     is `optim.adamw` over the step's `hyper` argument (`step_hyperparameters`; a "snr_gamma" key
     turns Min-SNR weighting on), built inside the trace so that no hyperparameter is a constant
     of the program. With
-    `encoded`, batches are cached encoder outputs and `consts` need no frozen encoders. With
+    `encoded`, batches are stored encoder outputs (cast to `encoded_dtype`, the encoders' compute
+    dtype) and `consts` need no frozen encoders. With
     `skip_nonfinite`, an update whose loss or gradient norm is NaN/Inf leaves the whole state as
     it was (params, Adam moments and count = LR position, EMA, step) and sets metrics["skipped"]."""
     alphas_cumprod = jnp.asarray(stage.schedule.alphas_cumprod)
@@ -156,6 +206,7 @@ def make_train_step(
             alphas_cumprod,
             snr_gamma,
             encoded,
+            encoded_dtype,
         )
 
     def train_step(state, consts, hyper, batch, noise, timesteps):

@@ -221,6 +221,10 @@ def run_updates(run: Run, validator: Validator) -> str | None:
         with PreemptionGuard(sigint=True) as guard:
             for update, batches in enumerate(loader, start=first):
                 micros = range(update * accum, (update + 1) * accum)
+                if plan.memo is not None:
+                    batches = [
+                        _encoded(plan, stage, m, b, acc.device) for m, b in zip(micros, batches)
+                    ]
                 draws = (noise_stream.draw(plan.seed, m, pid, shape, num_timesteps) for m in micros)
                 loss = train_step(
                     acc,
@@ -232,7 +236,7 @@ def run_updates(run: Run, validator: Validator) -> str | None:
                     [(batch, *draw) for batch, draw in zip(batches, draws)],
                     max_grad_norm=cfg.max_grad_norm,
                     snr_gamma=cfg.snr_gamma,
-                    encoded=plan.cache is not None,
+                    encoded=plan.cache is not None or plan.memo is not None,
                     skip=run.skips,
                 )
                 run.global_step = step = update + 1
@@ -322,8 +326,24 @@ def _skip_state(skips) -> dict:
     return {} if skips is None else {"skipped_updates": skips.count}
 
 
+def _encoded(plan: RunPlan, stage, micro: int, batch: dict, device) -> dict[str, np.ndarray]:
+    """Micro-step `micro`'s batch as encoder outputs: as the loader gave it, kept from an earlier
+    epoch (DataLoader workers cannot see the main process's memo), or encoded now and kept."""
+    if plan.is_encoded(batch):
+        return batch
+    kept = plan.recall(micro)
+    if kept is not None:
+        return kept
+    encoded = _encode_numpy(stage, batch, device)
+    plan.remember(micro, encoded)
+    if "loss_weight" in batch:  # DreamBooth's per-example weights ride along
+        encoded["loss_weight"] = batch["loss_weight"]
+    return encoded
+
+
 def _encode_numpy(stage, batch, device) -> dict[str, np.ndarray]:
     """Frozen-encoder outputs of a numpy batch, as numpy (float32 or bool) for the cache."""
+    batch = {k: v for k, v in batch.items() if k != "loss_weight"}
     enc = stage.encode(stage.to_device(batch, device, stage.weight_dtype))
     return {
         k: v.cpu().numpy() if v.dtype == torch.bool else v.float().cpu().numpy()
