@@ -169,3 +169,30 @@ def test_dreambooth_batches_keep_instances_classes_and_weights(
     ]
     assert calls[0] == 3  # 3 instance rows, each paired with class image r % 2: one epoch
     np.testing.assert_allclose(runs[0]["losses"], runs[1]["losses"], rtol=1e-6)
+
+
+def test_torch_dataloader_workers_leave_the_memo_to_the_main_process(
+    monkeypatch, tiny_folders, sample_dataset, tmp_path
+):
+    """Workers build batches in their own processes, where the main process's memo is not:
+    their pixel batches of a later epoch are replaced by the kept outputs."""
+    prior, decoder = tiny_folders
+    flags = dict(
+        backend="torch",
+        report_to="none",
+        train_batch_size=8,
+        max_train_steps=10,
+        dataloader_num_workers=1,
+    )
+    calls = _count_encodes(monkeypatch, "torch")
+    runs = [
+        _train(
+            "torch",
+            "decoder",
+            train_args(prior, decoder, sample_dataset, tmp_path / f"o{mb}", encoder_memory_mb=mb,
+                       **flags),
+        )
+        for mb in (1024, 0)
+    ]  # fmt: skip
+    assert calls[0] == 4
+    np.testing.assert_allclose(runs[0]["losses"], runs[1]["losses"], rtol=1e-6)
