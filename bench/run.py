@@ -228,7 +228,13 @@ def parse_args(argv=None):
         "(examples/kandinsky2_2/text_to_image of a diffusers checkout)",
     )
     v.add_argument("--short", type=int, default=8, help="updates of the short run")
-    v.add_argument("--long", type=int, default=72, help="updates of the long run")
+    v.add_argument(
+        "--long",
+        type=int,
+        default=200,
+        help="updates of the long run (25 epochs of the 32 photos: enough that a step of a few "
+        "ms stands out of the start-up's noise)",
+    )
     v.add_argument("--no_recompile", dest="recompile", action="store_false",
                    help="skip measuring flax's cost of a new --max_train_steps")  # fmt: skip
     v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

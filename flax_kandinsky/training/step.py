@@ -195,19 +195,8 @@ def make_train_step(
     on_cpu = mesh.devices.flat[0].platform == "cpu"
 
     def loss_fn(params, consts, batch, noise, timesteps, snr_gamma):
-        return stage_loss(
-            stage,
-            graphdefs,
-            params,
-            consts,
-            batch,
-            noise,
-            timesteps,
-            alphas_cumprod,
-            snr_gamma,
-            encoded,
-            encoded_dtype,
-        )
+        inputs = (batch, noise, timesteps, alphas_cumprod, snr_gamma)
+        return stage_loss(stage, graphdefs, params, consts, *inputs, encoded, encoded_dtype)
 
     def train_step(state, consts, hyper, batch, noise, timesteps):
         params = state["params"]
