@@ -96,7 +96,7 @@ class RunPlan:
         """This process's numpy batch of micro-step `micro`: a pure function of the position
         (preprocessed examples, or their encoder outputs: from the cache, or kept in memory from
         an earlier epoch; `is_encoded` tells which)."""
-        kept = self.recall(micro)
+        kept = self._recall(micro)
         if kept is not None:
             return kept
         epoch, step = self.position(micro)
@@ -136,22 +136,38 @@ class RunPlan:
         n, m = len(self.dataset), len(self.class_builder)
         return [("instance", r % n) for r in rows] + [("class", r % m) for r in rows]
 
-    def recall(self, micro: int) -> dict[str, np.ndarray] | None:
+    def _recall(self, micro: int) -> dict[str, np.ndarray] | None:
         """The encoder outputs of micro-step `micro` kept from an earlier epoch (with its
         DreamBooth loss weights), or None unless every example of it is kept."""
         if self.memo is None:
             return None
-        batch = self.memo.batch(self._memo_keys(micro))
+        keys = self._memo_keys(micro)
+        batch = self.memo.batch(keys)
         if batch is not None and self.class_builder is not None:
-            batch["loss_weight"] = self._loss_weights(len(batch["image_embeds"]) // 2)
+            batch["loss_weight"] = self._loss_weights(len(keys) // 2)
         return batch
 
-    def remember(self, micro: int, encoded: dict[str, np.ndarray]) -> None:
-        """Keep the encoder outputs of micro-step `micro` (reference layout, numpy) for later
-        epochs, while the budget lasts."""
+    def encoded_batch(
+        self,
+        micro: int,
+        batch: dict[str, np.ndarray],
+        encode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    ) -> dict[str, np.ndarray]:
+        """Micro-step `micro`'s `batch` (as `batch(micro)` gave it, maybe in a torch DataLoader
+        worker, which cannot see this process's memo) as encoder outputs: as it is, kept from an
+        earlier epoch, or encoded now by `encode` (numpy in, numpy reference layout out) and kept
+        for later epochs while the budget lasts."""
+        if self.is_encoded(batch):
+            return batch
+        kept = self._recall(micro)
+        if kept is not None:
+            return kept
+        encoded = encode(batch)
         if self.memo is not None:
-            outputs = {k: v for k, v in encoded.items() if k != "loss_weight"}
-            self.memo.offer(self._memo_keys(micro), outputs)
+            self.memo.offer(self._memo_keys(micro), encoded)
+        if "loss_weight" in batch:  # DreamBooth's per-example weights ride along
+            encoded["loss_weight"] = batch["loss_weight"]
+        return encoded
 
     def use_cache(
         self,

@@ -57,7 +57,9 @@ def host_batches(plan: RunPlan, stage, first_update: int, shape: tuple[int, ...]
     pid = jax.process_index()
     for update in range(first_update, plan.max_train_steps):
         micros = range(update * plan.accum, (update + 1) * plan.accum)
-        batches = [_step_batch(plan, m, encode) for m in micros]
+        batches = [plan.batch(m) for m in micros]
+        if encode is not None:
+            batches = [plan.encoded_batch(m, b, encode) for m, b in zip(micros, batches)]
         draws = [
             noise_stream.draw(plan.seed, m, pid, shape, stage.schedule.num_train_timesteps)
             for m in micros
@@ -66,17 +68,6 @@ def host_batches(plan: RunPlan, stage, first_update: int, shape: tuple[int, ...]
         noise = np.stack([stage.noise_layout(n) for n, _ in draws])  # (accum, B, ...)
         timesteps = np.stack([t for _, t in draws])  # (accum, B)
         yield update, batch, noise, timesteps
-
-
-def _step_batch(plan: RunPlan, micro: int, encode) -> dict[str, np.ndarray]:
-    batch = plan.batch(micro)
-    if encode is None or plan.is_encoded(batch):
-        return batch
-    encoded = encode(batch)
-    plan.remember(micro, encoded)
-    if "loss_weight" in batch:  # DreamBooth's per-example weights ride along
-        encoded["loss_weight"] = batch["loss_weight"]
-    return encoded
 
 
 def device_batches(mesh, batches):

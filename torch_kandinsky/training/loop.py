@@ -217,14 +217,16 @@ def run_updates(run: Run, validator: Validator) -> str | None:
     )
     shape = stage.x0_shape(cfg.train_batch_size * plan.batch_factor, cfg.resolution)
     pid, num_timesteps = acc.process_index, stage.schedule.num_train_timesteps
+
+    def encode(batch):  # --encoder_memory_mb: the first epoch encodes here, in the main process
+        return _encode_numpy(stage, batch, acc.device)
+
     try:
         with PreemptionGuard(sigint=True) as guard:
             for update, batches in enumerate(loader, start=first):
                 micros = range(update * accum, (update + 1) * accum)
                 if plan.memo is not None:
-                    batches = [
-                        _encoded(plan, stage, m, b, acc.device) for m, b in zip(micros, batches)
-                    ]
+                    batches = [plan.encoded_batch(m, b, encode) for m, b in zip(micros, batches)]
                 draws = (noise_stream.draw(plan.seed, m, pid, shape, num_timesteps) for m in micros)
                 loss = train_step(
                     acc,
@@ -324,21 +326,6 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
 def _skip_state(skips) -> dict:
     """--skip_nonfinite_updates: the count, for the summary and the checkpoint's state."""
     return {} if skips is None else {"skipped_updates": skips.count}
-
-
-def _encoded(plan: RunPlan, stage, micro: int, batch: dict, device) -> dict[str, np.ndarray]:
-    """Micro-step `micro`'s batch as encoder outputs: as the loader gave it, kept from an earlier
-    epoch (DataLoader workers cannot see the main process's memo), or encoded now and kept."""
-    if plan.is_encoded(batch):
-        return batch
-    kept = plan.recall(micro)
-    if kept is not None:
-        return kept
-    encoded = _encode_numpy(stage, batch, device)
-    plan.remember(micro, encoded)
-    if "loss_weight" in batch:  # DreamBooth's per-example weights ride along
-        encoded["loss_weight"] = batch["loss_weight"]
-    return encoded
 
 
 def _encode_numpy(stage, batch, device) -> dict[str, np.ndarray]:
