@@ -75,7 +75,11 @@ def complete_checkpoints(output_dir: str | Path, backend: str = "torch") -> list
     root = location(output_dir)
     if not root.is_dir():
         return out
-    for p in root.iterdir():
+    try:
+        children = list(root.iterdir())
+    except FileNotFoundError:  # in a bucket a folder is gone with its last object
+        return out
+    for p in children:
         m = _NAME.match(p.name)
         if m and p.is_dir() and incomplete_reason(p, backend) is None:
             out.append((int(m.group(1)), p))
