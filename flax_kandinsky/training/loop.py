@@ -78,6 +78,14 @@ def device_batches(mesh, batches):
         yield update, g["batch"], g["noise"], g["t"]
 
 
+def prefetch(cfg, plan: RunPlan, stage, mesh, first_update: int, encode) -> Prefetcher:
+    """The device batches of the updates from `first_update` on, made on a thread of their own."""
+    per_process = cfg.train_batch_size * mesh.local_mesh.size * plan.batch_factor
+    shape = stage.x0_shape(per_process, cfg.resolution)
+    batches = host_batches(plan, stage, first_update, shape, encode)
+    return Prefetcher(device_batches(mesh, batches), 2)
+
+
 def _gather_to_host(tree):
     """Full numpy copy of a (possibly multi-host sharded) pytree; every process must call it."""
     return jax.tree.map(
@@ -120,6 +128,8 @@ class Run:
         store: the run's CheckpointStore; global_step, skipped: updates done and skipped so far.
         encode: numpy batch -> its encoder outputs, when the step reads encoder outputs that
             the loop computes and keeps between epochs (`step.make_encoder`), else None.
+        source: the batches of a fresh run, made from before the step was compiled (`prefetch`);
+            None once the loop has taken them, or when the loop makes its own (a resumed run).
     """
 
     cfg: TrainConfig
@@ -133,6 +143,7 @@ class Run:
     hyper: dict
     store: CheckpointStore
     encode: Any = None
+    source: Prefetcher | None = None
     global_step: int = 0
     skipped: int = 0
     main: bool = field(default_factory=lambda: jax.process_index() == 0)
@@ -232,28 +243,26 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
         mesh,
         weighted=plan.batch_factor > 1,
     )
+    # A fresh run's first batches, and the encoders' first compile, are made on the prefetch
+    # thread while the step compiles (or its executable loads), not after it. A resumed run's
+    # first update is known only once its checkpoint is read.
+    source = prefetch(cfg, plan, stage, mesh, 0, encode) if plan.resume is None else None
     try:
-        hyper = step_hyperparameters(hyperparameters(cfg), schedule, 0)
-        if cfg.compile_cache_dir:  # the traced step is kept beside jax's compiled programs
-            args = (target, consts, hyper, *inputs)
-            key = step_key(stage=stage, graphdefs=graphdefs, mesh=mesh, args=args, options=options)
-            folder = f"{cfg.compile_cache_dir}/kandinsky_steps"
-            compiled = compile_stored(step, args, folder, key)
-        else:
-            compiled = step.compile(target, consts, hyper, inputs)
-    except Exception as e:
-        what = memory_failure(e)
-        if what is None:
-            raise
-        raise out_of_memory(cfg, stage_name, what) from None
-    params = jax.device_put(params, step.state_shardings["params"])
-    state = jax.jit(lambda p: init_state(p, tx, cfg.use_ema), out_shardings=step.state_shardings)(
-        params
-    )
-    del params
-    store = CheckpointStore(cfg.output_dir, cfg.checkpoints_total_limit)
+        compiled = _compile(
+            cfg, stage, stage_name, graphdefs, mesh, step, options, target, consts, inputs, schedule
+        )
+        params = jax.device_put(params, step.state_shardings["params"])
+        init = jax.jit(lambda p: init_state(p, tx, cfg.use_ema), out_shardings=step.state_shardings)
+        state = init(params)
+        del params
+        store = CheckpointStore(cfg.output_dir, cfg.checkpoints_total_limit)
+    except BaseException:
+        if source is not None:
+            source.close()
+        raise
     fixed = sh.global_replicated(mesh, hyperparameters(cfg))
     run = Run(cfg, stage, plan, mesh, schedule, compiled, state, consts, fixed, store, encode)
+    run.source = source
     if plan.resume is not None:
         # 'latest' falls back past damaged checkpoints with a warning; an explicit one must read.
         run.state, meta = run.store.resume(cfg.resume_from_checkpoint, target, stage=stage_name)
@@ -266,6 +275,26 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
             if plan.finished:
                 print(NOTHING_LEFT.format(step=run.global_step, out=run.out))
     return run
+
+
+def _compile(
+    cfg, stage, stage_name, graphdefs, mesh, step, options, target, consts, inputs, schedule
+):
+    """The step compiled for the run's abstract arguments: from the program stored in
+    --compile_cache_dir when there is one (stored_step), else traced here."""
+    try:
+        hyper = step_hyperparameters(hyperparameters(cfg), schedule, 0)
+        if cfg.compile_cache_dir:  # the traced step is kept beside jax's compiled programs
+            args = (target, consts, hyper, *inputs)
+            key = step_key(stage=stage, graphdefs=graphdefs, mesh=mesh, args=args, options=options)
+            folder = f"{cfg.compile_cache_dir}/kandinsky_steps"
+            return compile_stored(step, args, folder, key)
+        return step.compile(target, consts, hyper, inputs)
+    except Exception as e:
+        what = memory_failure(e)
+        if what is None:
+            raise
+        raise out_of_memory(cfg, stage_name, what) from None
 
 
 def open_tracker(cfg: TrainConfig) -> Tracker | None:
@@ -340,10 +369,8 @@ def run_updates(run: Run, progress: Progress, validator: Validator) -> str | Non
     """Train from run.global_step to the plan's end, checkpointing when due; returns the name of
     the signal that stopped it early (a checkpoint is saved first), or None."""
     cfg, plan, stage = run.cfg, run.plan, run.stage
-    per_process = cfg.train_batch_size * run.mesh.local_mesh.size * plan.batch_factor
-    shape = stage.x0_shape(per_process, cfg.resolution)
-    batches = host_batches(plan, stage, run.global_step, shape, run.encode)
-    source = Prefetcher(device_batches(run.mesh, batches), 2)
+    source = run.source or prefetch(cfg, plan, stage, run.mesh, run.global_step, run.encode)
+    run.source = None
     try:
         with PreemptionGuard(sigint=True) as guard:
             for update, g_batch, g_noise, g_t in source:
@@ -421,11 +448,18 @@ def train(cfg: TrainConfig, stage_name: str) -> dict:
     check_shared(cfg)
     run = set_up(cfg, stage_name)
     tracker = None
-    if run.main:
-        run.out.mkdir(parents=True, exist_ok=True)
-        tracker = open_tracker(cfg)
-    progress = Progress(run, tracker)
-    validator = Validator(cfg, run.stage)
+    try:
+        if run.main:
+            run.out.mkdir(parents=True, exist_ok=True)
+            tracker = open_tracker(cfg)
+        progress = Progress(run, tracker)
+        validator = Validator(cfg, run.stage)
+    except BaseException:
+        if run.source is not None:  # the batches made ahead are not wanted
+            run.source.close()
+        if tracker is not None:
+            tracker.close()
+        raise
     try:
         stopped_by = run_updates(run, progress, validator)
         return finish(run, progress, validator, stopped_by)
