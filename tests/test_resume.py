@@ -41,3 +41,19 @@ def test_resume_is_bit_identical(backend, tiny_folders, sample_dataset, tmp_path
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     start = load_file(prior / "prior" / "diffusion_pytorch_model.safetensors")
     assert any(not np.array_equal(a[k], start[k]) for k in a)  # training moved the weights
+
+
+def test_a_bucket_folder_gone_between_its_check_and_its_listing_holds_no_checkpoint(monkeypatch):
+    """In a bucket a folder exists only through its objects: the shared-storage marker of a
+    starting run, deleted between `is_dir` and `iterdir`, took the folder with it."""
+    from kandinsky_common import checkpoints
+
+    class Vanished:
+        def is_dir(self):
+            return True
+
+        def iterdir(self):
+            raise FileNotFoundError("b/bucket/o/run")
+
+    monkeypatch.setattr(checkpoints, "location", lambda path: Vanished())
+    assert checkpoints.complete_checkpoints("gs://bucket/run", "flax") == []
