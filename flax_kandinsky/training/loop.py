@@ -7,6 +7,7 @@ run holds (failing on user input before output_dir is touched, the step compiled
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -247,22 +248,35 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
     # thread while the step compiles (or its executable loads), not after it. A resumed run's
     # first update is known only once its checkpoint is read.
     source = prefetch(cfg, plan, stage, mesh, 0, encode) if plan.resume is None else None
-    try:
-        compiled = _compile(
-            cfg, stage, stage_name, graphdefs, mesh, step, options, target, consts, inputs, schedule
-        )
+    with contextlib.ExitStack() as on_failure:  # the batches made ahead stop if set-up fails
+        if source is not None:
+            on_failure.callback(source.close)
+        try:
+            hyper = step_hyperparameters(hyperparameters(cfg), schedule, 0)
+            if cfg.compile_cache_dir:  # the traced step is kept beside jax's compiled programs
+                args = (target, consts, hyper, *inputs)
+                key = step_key(
+                    stage=stage, graphdefs=graphdefs, mesh=mesh, args=args, options=options
+                )
+                folder = f"{cfg.compile_cache_dir}/kandinsky_steps"
+                compiled = compile_stored(step, args, folder, key)
+            else:
+                compiled = step.compile(target, consts, hyper, inputs)
+        except Exception as e:
+            what = memory_failure(e)
+            if what is None:
+                raise
+            raise out_of_memory(cfg, stage_name, what) from None
         params = jax.device_put(params, step.state_shardings["params"])
         init = jax.jit(lambda p: init_state(p, tx, cfg.use_ema), out_shardings=step.state_shardings)
         state = init(params)
         del params
         store = CheckpointStore(cfg.output_dir, cfg.checkpoints_total_limit)
-    except BaseException:
-        if source is not None:
-            source.close()
-        raise
+        on_failure.pop_all()
     fixed = sh.global_replicated(mesh, hyperparameters(cfg))
-    run = Run(cfg, stage, plan, mesh, schedule, compiled, state, consts, fixed, store, encode)
-    run.source = source
+    run = Run(
+        cfg, stage, plan, mesh, schedule, compiled, state, consts, fixed, store, encode, source
+    )
     if plan.resume is not None:
         # 'latest' falls back past damaged checkpoints with a warning; an explicit one must read.
         run.state, meta = run.store.resume(cfg.resume_from_checkpoint, target, stage=stage_name)
@@ -275,26 +289,6 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
             if plan.finished:
                 print(NOTHING_LEFT.format(step=run.global_step, out=run.out))
     return run
-
-
-def _compile(
-    cfg, stage, stage_name, graphdefs, mesh, step, options, target, consts, inputs, schedule
-):
-    """The step compiled for the run's abstract arguments: from the program stored in
-    --compile_cache_dir when there is one (stored_step), else traced here."""
-    try:
-        hyper = step_hyperparameters(hyperparameters(cfg), schedule, 0)
-        if cfg.compile_cache_dir:  # the traced step is kept beside jax's compiled programs
-            args = (target, consts, hyper, *inputs)
-            key = step_key(stage=stage, graphdefs=graphdefs, mesh=mesh, args=args, options=options)
-            folder = f"{cfg.compile_cache_dir}/kandinsky_steps"
-            return compile_stored(step, args, folder, key)
-        return step.compile(target, consts, hyper, inputs)
-    except Exception as e:
-        what = memory_failure(e)
-        if what is None:
-            raise
-        raise out_of_memory(cfg, stage_name, what) from None
 
 
 def open_tracker(cfg: TrainConfig) -> Tracker | None:
