@@ -6,6 +6,7 @@ no framework import, and a torch-only or jax-only install runs its own backend.
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable
 
@@ -14,14 +15,33 @@ from kandinsky_common.flags import parse_config
 from kandinsky_common.preemption import sigint_deferred
 
 
-def backend_train(backend: str) -> Callable:
+def _loop_train(backend: str) -> Callable:
     """`train` of the backend's loop. Ctrl-C during the import waits for its end: jaxlib's
     initialisation crashes (SIGSEGV) when interrupted."""
-    with sigint_deferred():
-        if backend == "flax":
-            from flax_kandinsky.training.loop import train
-        else:
-            from torch_kandinsky.training.loop import train
+    try:
+        with sigint_deferred():
+            module = importlib.import_module(f"{backend}_kandinsky.training.loop")
+    except ModuleNotFoundError as e:
+        raise UserError(f"--backend {backend} needs {e.name}: `pip install -e .[{backend}]`") from e
+    return module.train
+
+
+def backend_train(backend: str) -> Callable:
+    """`train(cfg, stage)` of the backend. The flax one configures jax and begins loading the
+    step's executable (`flax_kandinsky.training.start`) before it imports the rest of its loop,
+    so that the load and the imports overlap."""
+    if backend != "flax":
+        return _loop_train(backend)
+    try:
+        with sigint_deferred():
+            from flax_kandinsky.training import start
+    except ModuleNotFoundError as e:
+        raise UserError(f"--backend flax needs {e.name}: `pip install -e .[flax]`") from e
+
+    def train(cfg, stage: str) -> dict:
+        preload = start.begin(cfg, stage)
+        return _loop_train("flax")(cfg, stage, preload)
+
     return train
 
 
@@ -30,13 +50,7 @@ def main(stage: str, argv: list[str] | None = None, lora: bool = False) -> int:
 
     def _main(args):
         cfg = parse_config(args, stage, lora)
-        try:
-            train = backend_train(cfg.backend)
-        except ModuleNotFoundError as e:
-            raise UserError(
-                f"--backend {cfg.backend} needs {e.name}: `pip install -e .[{cfg.backend}]`"
-            ) from e
-        summary = train(cfg, stage)
+        summary = backend_train(cfg.backend)(cfg, stage)
         if summary.get("output_dir"):
             shown = {k: v for k, v in summary.items() if k not in ("losses", "update_seconds")}
             print(json.dumps(shown))

@@ -143,13 +143,13 @@ def test_flax_runs_that_render_images_use_the_low_memory_schedule(
     """XLA:CPU's default scheduler starts every block of the sampler's chunked attention at once;
     a flax run that renders images asks for the memory-minimising one before jax starts."""
     pytest.importorskip("jax")
-    from flax_kandinsky.sampling.pipelines import CPU_LOW_MEMORY_SCHEDULE
-    from flax_kandinsky.training import loop
+    from flax_kandinsky.training import start
+    from flax_kandinsky.xla_flags import CPU_LOW_MEMORY_SCHEDULE
     from kandinsky_common.flags import parse_config
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    monkeypatch.setattr(loop, "init_distributed", lambda cfg: None)
+    monkeypatch.setattr(start, "init_distributed", lambda cfg: None)
     args = train_args("p", "d", "data", tmp_path / "out", compile_cache_dir="", **flags)
-    loop.configure_jax(parse_config(args, "prior"))
+    start.configure_jax(parse_config(args, "prior"))
     assert (CPU_LOW_MEMORY_SCHEDULE in os.environ["XLA_FLAGS"]) is low_memory
     assert "--xla_force_host_platform_device_count=8" in os.environ["XLA_FLAGS"]

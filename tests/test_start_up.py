@@ -4,6 +4,7 @@ set-up that fails after the batches began leaves no thread behind."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -77,3 +78,81 @@ def test_a_set_up_that_fails_after_the_batches_began_stops_them(
         loop.train(parse_config(args, "prior"), "prior")
     assert _prefetch_threads() == []
     assert not (tmp_path / "out").exists()  # set-up failed before output_dir was touched
+
+
+def _preload_args(tiny_folders, sample_dataset, tmp_path, out: str, **flags):
+    prior, decoder = tiny_folders
+    flags = {"max_train_steps": 2, "compile_cache_dir": tmp_path / "cache", **flags}
+    return train_args(
+        prior, decoder, sample_dataset, tmp_path / out, backend="flax", report_to="none", **flags
+    )
+
+
+def test_the_record_is_shared_by_flags_the_step_does_not_read(
+    tiny_folders, sample_dataset, tmp_path
+):
+    from flax_kandinsky.training import start
+
+    def record(**flags):
+        args = _preload_args(tiny_folders, sample_dataset, tmp_path, "out", **flags)
+        return start.record_path(parse_config(args, "prior"), "prior")
+
+    base = record()
+    assert base.parent == tmp_path / "cache" / "kandinsky_steps" / "starts"
+    assert record(output_dir=tmp_path / "other", learning_rate=3e-4, max_train_steps=9) == base
+    assert record(seed=5, lr_scheduler="cosine", max_grad_norm=0.5, checkpointing_steps=1) == base
+    assert record(train_batch_size=4) != base
+    assert record(mixed_precision="bf16") != base
+    assert record(compile_cache_dir="") is None
+
+
+def test_a_run_takes_the_step_an_earlier_run_with_its_flags_loaded(
+    monkeypatch, tiny_folders, sample_dataset, tmp_path
+):
+    """The second run with the same flags (another output_dir, LR and length) compiles its step
+    on a thread from the first run's record, before the networks are built, and set_up takes it;
+    a stale or unreadable record costs only the early load: same losses, record rewritten."""
+    from flax_kandinsky.training import start
+    from kandinsky_common import cli
+
+    preloads = []
+    real_begin = start.begin
+
+    def begin(cfg, stage):
+        preload = real_begin(cfg, stage)
+        preloads.append(
+            (preload, preload.recipe)
+        )  # the recipe read, before the run records its own
+        return preload
+
+    monkeypatch.setattr(start, "begin", begin)
+
+    def run(out, **flags):
+        cfg = parse_config(
+            _preload_args(tiny_folders, sample_dataset, tmp_path, out, **flags), "prior"
+        )
+        summary = cli.backend_train("flax")(cfg, "prior")
+        return summary["losses"], *preloads[-1]
+
+    first, preload, read = run("a")
+    assert read is None and not preload.taken
+    recorded = json.loads(preload.record.read_text())
+    assert recorded["key"] and len(recorded["leaves"]) > 10
+
+    again, preload, _ = run("b")
+    assert preload.taken and again == first
+
+    _, preload, _ = run("c", learning_rate=3e-4, max_train_steps=3, seed=1)
+    assert preload.taken
+
+    # A record naming a program no longer stored: its load fails on the thread, set_up compiles
+    # as without a record, and the record is written again.
+    preload.record.write_text(json.dumps({**recorded, "key": "0" * 64}))
+    again, preload, read = run("d")
+    assert read is not None and not preload.taken and again == first
+    assert json.loads(preload.record.read_text()) == recorded
+
+    preload.record.write_text('{"key": ')  # cut short
+    again, preload, read = run("e")
+    assert read is None and not preload.taken and again == first
+    assert json.loads(preload.record.read_text()) == recorded

@@ -9,10 +9,10 @@ from flax_kandinsky.sampling.pipelines import (
     PriorPipeline,
     downscale_height_and_width,
     to_pil,
-    use_cpu_low_memory_schedule,
 )
 from flax_kandinsky.sampling.sampler import Sampler, memory_failure
 from flax_kandinsky.sampling.schedulers import DDPMScheduler, UnCLIPScheduler, load_scheduler
+from flax_kandinsky.xla_flags import use_cpu_low_memory_schedule
 
 __all__ = [
     "DDPMScheduler",

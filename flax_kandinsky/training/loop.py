@@ -1,8 +1,9 @@
 """The one training loop of the flax backend: data -> compiled step -> log -> checkpoint -> export.
 
-`configure_jax` sets the process-wide JAX options the flags ask for, `set_up` builds everything a
-run holds (failing on user input before output_dir is touched, the step compiled ahead of time),
-`run_updates` is the loop, and `finish` exports and summarises; `train` runs the four.
+`start.begin` sets the process-wide JAX options the flags ask for (and may begin loading the
+step's executable), `set_up` builds everything a run holds (failing on user input before
+output_dir is touched, the step compiled ahead of time), `run_updates` is the loop, and `finish`
+exports and summarises; `train` runs the four.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from flax_kandinsky import sharding as sh
 from flax_kandinsky.checkpoint import CheckpointStore
-from flax_kandinsky.hosts import agreed, check_shared, init_distributed
-from flax_kandinsky.sampling import memory_failure, use_cpu_low_memory_schedule
+from flax_kandinsky.hosts import agreed, check_shared
+from flax_kandinsky.sampling import memory_failure
 from flax_kandinsky.stages import encoder_dtype, make_stage
 from flax_kandinsky.training.optim import LRSchedule, hyperparameters, make_optimizer
+from flax_kandinsky.training.start import StepPreload, begin
 from flax_kandinsky.training.step import (
     abstract_inputs,
     encode_frozen,
@@ -36,7 +37,7 @@ from flax_kandinsky.training.step import (
     split_stage,
     step_hyperparameters,
 )
-from flax_kandinsky.training.stored_step import compile_stored, step_key
+from flax_kandinsky.training.stored_step import compile_stored, step_key, steps_folder
 from flax_kandinsky.validation import Validator, class_image_generator
 from kandinsky_common import noise as noise_stream
 from kandinsky_common.checkpoints import write_failed
@@ -94,27 +95,6 @@ def _gather_to_host(tree):
     )
 
 
-def configure_jax(cfg: TrainConfig) -> None:
-    """The process-wide JAX settings the flags ask for: the distributed runtime, TF32 matmuls and
-    the persistent compilation cache. Once per process, before anything touches a device."""
-    if cfg.validation_prompts or cfg.with_prior_preservation:
-        # The run samples images (validation, class images): on XLA:CPU the default scheduler
-        # starts every block of the sampler's chunked attention at once (the tiny test fixture's
-        # validation at 512 px asked for 35 GB). XLA reads the flag at start-up only.
-        use_cpu_low_memory_schedule()
-    init_distributed(cfg)
-    if cfg.allow_tf32:
-        jax.config.update("jax_default_matmul_precision", "tensorfloat32")
-    if cfg.compile_cache_dir:
-        # A warm cache turns minutes of XLA compilation of a real-size step into seconds. Every
-        # program is kept, the small ones too (weight casts, state init): compiled afresh they
-        # cost a second or more of each start, and a hyperparameter change then compiles nothing.
-        jax.config.update(
-            "jax_compilation_cache_dir", str(Path(cfg.compile_cache_dir).expanduser())
-        )
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
 @dataclass
 class Run:
     """What a training job holds from set-up to export.
@@ -165,9 +145,10 @@ class Run:
         return _gather_to_host(self.state["ema"] if self.cfg.use_ema else self.state["params"])
 
 
-def set_up(cfg: TrainConfig, stage_name: str) -> Run:
-    """Stage, data plan, sharded state (restored when resuming) and the compiled step. Everything
-    that can fail on user input happens here, before output_dir is touched."""
+def set_up(cfg: TrainConfig, stage_name: str, preload: StepPreload | None = None) -> Run:
+    """Stage, data plan, sharded state (restored when resuming) and the compiled step (from
+    `preload` when it loaded the same program). Everything that can fail on user input happens
+    here, before output_dir is touched."""
     if cfg.push_to_hub:
         check_hub(cfg)
     mesh = sh.make_mesh(cfg.mesh_shape)
@@ -258,8 +239,8 @@ def set_up(cfg: TrainConfig, stage_name: str) -> Run:
                 key = step_key(
                     stage=stage, graphdefs=graphdefs, mesh=mesh, args=args, options=options
                 )
-                folder = f"{cfg.compile_cache_dir}/kandinsky_steps"
-                compiled = compile_stored(step, args, folder, key)
+                folder = steps_folder(cfg.compile_cache_dir)
+                compiled = compile_stored(step, args, folder, key, preload)
             else:
                 compiled = step.compile(target, consts, hyper, inputs)
         except Exception as e:
@@ -436,11 +417,14 @@ def finish(run: Run, progress: Progress, validator: Validator, stopped_by: str |
     return summary
 
 
-def train(cfg: TrainConfig, stage_name: str) -> dict:
-    """Run a whole training job; returns a summary (losses, paths). Raises UserError early."""
-    configure_jax(cfg)
+def train(cfg: TrainConfig, stage_name: str, preload: StepPreload | None = None) -> dict:
+    """Run a whole training job; returns a summary (losses, paths). Raises UserError early.
+    `preload`: what `start.begin` returned, when the caller ran it already (before importing
+    this module, so that the step's executable loads during the import)."""
+    if preload is None:
+        preload = begin(cfg, stage_name)
     check_shared(cfg)
-    run = set_up(cfg, stage_name)
+    run = set_up(cfg, stage_name, preload)
     tracker = None
     try:
         if run.main:

@@ -35,6 +35,8 @@ from typing import Any
 import jax
 import numpy as np
 from jax import export
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from kandinsky_common.storage import location
 
@@ -155,7 +157,7 @@ def _export(step, args: tuple, shardings: list, n_state: int) -> bytearray:
     return export.export(fn)(*leaves).serialize()
 
 
-def _load(path) -> export.Exported | None:
+def load(path) -> export.Exported | None:
     if not path.exists():
         return None
     try:
@@ -181,30 +183,97 @@ def _store(path, blob: bytearray) -> None:
         print(f"warning: the step program was not stored in {path.parent} ({e})", file=sys.stderr)
 
 
-def compile_stored(step, args: tuple, folder, key: str) -> CompiledStep:
-    """`step` (a StepFn) compiled for `args` = (state, consts, hyper, batch, noise, timesteps),
-    abstract or real, from the program stored under `key` in `folder` when there is one, else
-    exported and stored there first. Calls with other shapes fail instead of compiling again."""
-    state = args[0]
-    n_state = len(jax.tree.leaves(state))
-    shardings = _flat_shardings(step, args)
-    path = location(folder) / f"{key}{SUFFIX}"
-    program = _load(path)
-    if program is None:
-        blob = _export(step, args, shardings, n_state)
-        _store(path, blob)
-        # The fresh export goes through the same deserialization as a stored one, so that a
-        # hit and a miss compile the very same program.
-        program = export.deserialize(blob)
+def steps_folder(compile_cache_dir: str) -> str:
+    """Where the step programs (and the start records of `start`) live in the compile cache."""
+    return f"{compile_cache_dir}/kandinsky_steps"
+
+
+def jit_program(program: export.Exported, shardings: list, hyper_sharding, n_state: int):
+    """The jitted call of a deserialized step program. Both the stored path and the early load
+    (`start.StepPreload`) compile through it, so they look up the same entry of jax's cache."""
 
     def train_step(*xs):  # named so that jax's logs call it jit_train_step, as the plain step
         return program.call(*xs)
 
-    fn = jax.jit(
+    return jax.jit(
         train_step,
         in_shardings=shardings,
-        out_shardings=(shardings[:n_state], step.hyper_sharding),
+        out_shardings=(shardings[:n_state], hyper_sharding),
         donate_argnums=tuple(range(n_state)),
     )
-    compiled = fn.lower(*jax.tree.leaves(args)).compile()
+
+
+def _spec(spec) -> list:
+    """A PartitionSpec as JSON: one entry per dimension, None, an axis name or a list of them."""
+    return [list(e) if isinstance(e, tuple) else e for e in spec]
+
+
+def recipe(key: str, shardings: list, leaves: list, hyper_sharding, n_state: int) -> dict | None:
+    """What compiling the program stored under `key` reads, as JSON: the mesh, and per flat
+    argument its shape, dtype, weak type, PartitionSpec and memory kind. None when a sharding is
+    not a NamedSharding over the one mesh (such a step is not loaded early)."""
+    mesh = hyper_sharding.mesh if isinstance(hyper_sharding, NamedSharding) else None
+    everything = [*shardings, hyper_sharding]
+    if mesh is None or any(not isinstance(s, NamedSharding) or s.mesh != mesh for s in everything):
+        return None
+    avals = [jax.typeof(x) for x in leaves]
+    return {
+        "key": key,
+        "mesh": {
+            "axes": list(mesh.axis_names),
+            "shape": list(mesh.devices.shape),
+            "devices": [d.id for d in mesh.devices.flat],
+        },
+        "n_state": n_state,
+        "hyper": [_spec(hyper_sharding.spec), hyper_sharding.memory_kind],
+        "leaves": [
+            [list(a.shape), str(a.dtype), bool(a.weak_type), _spec(s.spec), s.memory_kind]
+            for a, s in zip(avals, shardings)
+        ],
+    }
+
+
+def from_recipe(r: dict) -> tuple[list, list, NamedSharding]:
+    """(shardings, abstract arguments, hyper_sharding) rebuilt from a `recipe`."""
+    by_id = {d.id: d for d in jax.devices()}
+    devices = np.asarray([by_id[i] for i in r["mesh"]["devices"]]).reshape(r["mesh"]["shape"])
+    mesh = Mesh(devices, tuple(r["mesh"]["axes"]))
+
+    def named(spec, memory_kind):
+        spec = P(*[tuple(e) if isinstance(e, list) else e for e in spec])
+        return NamedSharding(mesh, spec, memory_kind=memory_kind)
+
+    shardings = [named(spec, kind) for *_, spec, kind in r["leaves"]]
+    avals = [
+        jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), weak_type=weak, sharding=s)
+        for (shape, dtype, weak, *_), s in zip(r["leaves"], shardings)
+    ]
+    return shardings, avals, named(*r["hyper"])
+
+
+def compile_stored(step, args: tuple, folder, key: str, preload=None) -> CompiledStep:
+    """`step` (a StepFn) compiled for `args` = (state, consts, hyper, batch, noise, timesteps),
+    abstract or real, from the program stored under `key` in `folder` when there is one, else
+    exported and stored there first. Calls with other shapes fail instead of compiling again.
+    `preload` (a `start.StepPreload`) gives the executable when it loaded this very program
+    early, and learns what this run compiles for the next one."""
+    state = args[0]
+    n_state = len(jax.tree.leaves(state))
+    shardings = _flat_shardings(step, args)
+    leaves = jax.tree.leaves(args)
+    wanted = recipe(key, shardings, leaves, step.hyper_sharding, n_state)
+    compiled = preload.take(wanted) if preload is not None else None
+    if compiled is None:
+        path = location(folder) / f"{key}{SUFFIX}"
+        program = load(path)
+        if program is None:
+            blob = _export(step, args, shardings, n_state)
+            _store(path, blob)
+            # The fresh export goes through the same deserialization as a stored one, so that
+            # a hit and a miss compile the very same program.
+            program = export.deserialize(blob)
+        fn = jit_program(program, shardings, step.hyper_sharding, n_state)
+        compiled = fn.lower(*leaves).compile()
+    if preload is not None:
+        preload.remember(wanted)
     return CompiledStep(compiled, jax.tree.structure(state))
