@@ -232,6 +232,11 @@ def set_up(cfg: TrainConfig, stage_name: str, preload: StepPreload | None = None
     with contextlib.ExitStack() as on_failure:  # the batches made ahead stop if set-up fails
         if source is not None:
             on_failure.callback(source.close)
+        # The state first: its init runs while the step's executable may still be loading.
+        params = jax.device_put(params, step.state_shardings["params"])
+        init = jax.jit(lambda p: init_state(p, tx, cfg.use_ema), out_shardings=step.state_shardings)
+        state = init(params)
+        del params
         try:
             hyper = step_hyperparameters(hyperparameters(cfg), schedule, 0)
             if cfg.compile_cache_dir:  # the traced step is kept beside jax's compiled programs
@@ -248,10 +253,6 @@ def set_up(cfg: TrainConfig, stage_name: str, preload: StepPreload | None = None
             if what is None:
                 raise
             raise out_of_memory(cfg, stage_name, what) from None
-        params = jax.device_put(params, step.state_shardings["params"])
-        init = jax.jit(lambda p: init_state(p, tx, cfg.use_ema), out_shardings=step.state_shardings)
-        state = init(params)
-        del params
         store = CheckpointStore(cfg.output_dir, cfg.checkpoints_total_limit)
         on_failure.pop_all()
     fixed = sh.global_replicated(mesh, hyperparameters(cfg))
