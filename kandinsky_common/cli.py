@@ -6,7 +6,6 @@ no framework import, and a torch-only or jax-only install runs its own backend.
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable
 
@@ -20,10 +19,13 @@ def _loop_train(backend: str) -> Callable:
     initialisation crashes (SIGSEGV) when interrupted."""
     try:
         with sigint_deferred():
-            module = importlib.import_module(f"{backend}_kandinsky.training.loop")
+            if backend == "flax":
+                from flax_kandinsky.training.loop import train
+            else:
+                from torch_kandinsky.training.loop import train
     except ModuleNotFoundError as e:
         raise UserError(f"--backend {backend} needs {e.name}: `pip install -e .[{backend}]`") from e
-    return module.train
+    return train
 
 
 def backend_train(backend: str) -> Callable:
@@ -34,12 +36,12 @@ def backend_train(backend: str) -> Callable:
         return _loop_train(backend)
     try:
         with sigint_deferred():
-            from flax_kandinsky.training import start
+            from flax_kandinsky.training.start import begin
     except ModuleNotFoundError as e:
         raise UserError(f"--backend flax needs {e.name}: `pip install -e .[flax]`") from e
 
     def train(cfg, stage: str) -> dict:
-        preload = start.begin(cfg, stage)
+        preload = begin(cfg, stage)
         return _loop_train("flax")(cfg, stage, preload)
 
     return train

@@ -38,9 +38,14 @@ FORBIDDEN = {
 
 
 # The one place common names a backend: the CLI imports the chosen backend's loop, lazily, once
-# the flags are valid (kandinsky_common/cli.py, backend_train).
+# the flags are valid, and for flax first the light module that begins loading the step
+# (kandinsky_common/cli.py, backend_train).
 DISPATCH = {("kandinsky_common/cli.py", m) for m in ("flax_kandinsky", "torch_kandinsky")}
-DISPATCHED = {"flax_kandinsky.training.loop", "torch_kandinsky.training.loop"}
+DISPATCHED = {
+    "flax_kandinsky.training.loop",
+    "flax_kandinsky.training.start",
+    "torch_kandinsky.training.loop",
+}
 
 
 def _imports(path: Path):
