@@ -4,17 +4,21 @@ Field names, types and defaults are those of `train_text_to_image_prior.py` and
 `train_text_to_image_decoder.py` (44 flags, the union of the two), so their command lines paste
 unchanged. Flags we add are listed in OUR_FLAGS and documented in docs/flags.md. Parsing is
 transformers.HfArgumentParser: command-line flags, or a single .json / .yaml file.
+
+The parser's module is loaded without the transformers package around it (`_hf_argument_parser`):
+importing transformers costs a second of every start (its version checks of ~40 packages), and a
+flax decoder run needs nothing else from it, so its flags, and with them the early load of its
+step, come that much sooner.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from transformers import HfArgumentParser
 
 from kandinsky_common.config_files import CONFIG_SUFFIXES, file_to_argv, load_config_file
 from kandinsky_common.errors import UserError
@@ -234,7 +238,31 @@ def script_name(stage: str, lora: bool = False) -> str:
     return f"train_text_to_image_{'lora_' if lora else ''}{stage}.py"
 
 
-class _Parser(HfArgumentParser):
+def _hf_argument_parser() -> type:
+    """transformers.HfArgumentParser, from its own file when transformers is not imported yet.
+
+    hf_argparser.py imports only the standard library and yaml. Should a release of transformers
+    give it other imports, or move it, the package is imported as usual."""
+    if "transformers" not in sys.modules:
+        spec = importlib.util.find_spec("transformers")  # finds the package, runs none of it
+        origin = spec.origin if spec is not None else None
+        path = Path(origin).parent / "hf_argparser.py" if origin else None
+        if path is not None and path.is_file():
+            module_spec = importlib.util.spec_from_file_location(
+                "kandinsky_common._hf_argparser", path
+            )
+            module = importlib.util.module_from_spec(module_spec)
+            try:
+                module_spec.loader.exec_module(module)
+                return module.HfArgumentParser
+            except (ImportError, AttributeError):
+                pass
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser
+
+
+class _Parser(_hf_argument_parser()):
     """argparse reports mistakes as usage + message + exit 2; we want one `error:` line."""
 
     def error(self, message):

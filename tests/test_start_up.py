@@ -5,6 +5,8 @@ set-up that fails after the batches began leaves no thread behind."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -156,3 +158,59 @@ def test_a_run_takes_the_step_an_earlier_run_with_its_flags_loaded(
     again, preload, read = run("e")
     assert read is None and not preload.taken and again == first
     assert json.loads(preload.record.read_text()) == recorded
+
+
+def test_the_flags_parse_without_importing_transformers(tmp_path):
+    # A flax decoder run needs nothing else from transformers; its import would delay the step's
+    # early load by a second.
+    code = (
+        "import sys\n"
+        "from kandinsky_common.flags import parse_config\n"
+        "cfg = parse_config(['--output_dir', 'o', '--train_data_dir', '.', '--learning_rate', "
+        "'3e-5', '--use_ema'], 'decoder')\n"
+        "assert cfg.learning_rate == 3e-5 and cfg.use_ema, cfg\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_standalone_parser_is_transformers_own(monkeypatch):
+    from transformers import HfArgumentParser
+
+    from kandinsky_common import flags
+
+    monkeypatch.delitem(sys.modules, "transformers")  # as in a fresh process; restored after
+    standalone = flags._hf_argument_parser()
+    assert standalone.__module__ == "kandinsky_common._hf_argparser"
+    argv = ["--output_dir", "o", "--resolution", "64", "--use_ema", "--mixed_precision", "bf16"]
+    parsed = [
+        parser_class(flags.TrainConfig).parse_args_into_dataclasses(args=argv)[0]
+        for parser_class in (standalone, HfArgumentParser)
+    ]
+    assert parsed[0] == parsed[1]
+    assert (parsed[0].resolution, parsed[0].use_ema, parsed[0].mixed_precision) == (
+        64,
+        True,
+        "bf16",
+    )
+
+
+def test_the_parser_falls_back_to_the_transformers_package(tmp_path):
+    # A transformers release that keeps hf_argparser.py elsewhere: the package's parser.
+    code = (
+        "import importlib.util\n"
+        "importlib.util.find_spec = lambda name: None\n"
+        "from kandinsky_common import flags\n"
+        "import transformers\n"
+        "assert flags._Parser.__mro__[1] is transformers.HfArgumentParser\n"
+        "cfg = flags.parse_config(['--output_dir', 'o', '--train_data_dir', '.'], 'prior')\n"
+        "assert cfg.output_dir.endswith('o')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
