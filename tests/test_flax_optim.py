@@ -20,6 +20,7 @@ from flax_kandinsky.training.optim import (
     ema_init,
     ema_one_minus_decay,
     ema_update,
+    global_norm,
     make_optimizer,
     optimizer_hyperparameters,
     scale_by_adam_torch,
@@ -109,6 +110,32 @@ def test_clip_matches_torch_formula():
     ref, _ = optax.clip_by_global_norm(1.0).update(g, ())
     ratio = np.asarray(out["x"]) / np.asarray(ref["x"])
     np.testing.assert_allclose(ratio, 5.0 / (5.0 + 1e-6), rtol=1e-7)
+
+
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_clip_matches_torch_formula_in_either_norm(one_pass):
+    clip = clip_by_global_norm_torch(1.0, one_pass)
+    g = {"x": jnp.array([3.0, 4.0]), "y": jnp.zeros((3, 2))}
+    out, _ = clip.update(g, clip.init(g))
+    np.testing.assert_allclose(out["x"], np.array([3.0, 4.0]) / (5.0 + 1e-6), rtol=1e-7)
+    assert out["y"].shape == (3, 2)
+
+
+def _fusions(fn, *args) -> int:
+    hlo = jax.jit(fn).lower(*args).compile().as_text()
+    return hlo.split("\nENTRY ")[1].count(" fusion(")
+
+
+def test_one_pass_norm_is_the_norm_in_fewer_kernels():
+    rng = np.random.default_rng(0)
+    tree = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(64, 3, 3, 8), (8,), (5, 7)] * 8]
+    expected = math.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64)))) for x in tree))
+    for one_pass in (False, True):
+        np.testing.assert_allclose(float(global_norm(tree, one_pass)), expected, rtol=1e-6)
+    # XLA:CPU: a sum of squares per array (and their sum), against one reduction
+    per_leaf = _fusions(lambda t: global_norm(t, False), tree)
+    one = _fusions(lambda t: global_norm(t, True), tree)
+    assert one <= 2 and per_leaf >= len(tree) // 2, (per_leaf, one)
 
 
 def torch_adam_directions(grads, b1=0.9, b2=0.999, eps=1e-8):
