@@ -160,6 +160,15 @@ def test_a_run_takes_the_step_an_earlier_run_with_its_flags_loaded(
     assert json.loads(preload.record.read_text()) == recorded
 
 
+def _python(code: str, cwd) -> str:
+    """stdout of `python -c code` in a fresh process (its modules its own), which must exit 0."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
 def test_the_flags_parse_without_importing_transformers(tmp_path):
     # A flax decoder run needs nothing else from transformers; its import would delay the step's
     # early load by a second.
@@ -171,11 +180,8 @@ def test_the_flags_parse_without_importing_transformers(tmp_path):
         "assert cfg.learning_rate == 3e-5 and cfg.use_ema, cfg\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "[]", out.stdout
+    imported = _python(code, tmp_path).strip()
+    assert imported == "[]", imported
 
 
 def test_the_standalone_parser_is_transformers_own(monkeypatch):
@@ -192,11 +198,8 @@ def test_the_standalone_parser_is_transformers_own(monkeypatch):
         for parser_class in (standalone, HfArgumentParser)
     ]
     assert parsed[0] == parsed[1]
-    assert (parsed[0].resolution, parsed[0].use_ema, parsed[0].mixed_precision) == (
-        64,
-        True,
-        "bf16",
-    )
+    cfg = parsed[0]
+    assert (cfg.resolution, cfg.use_ema, cfg.mixed_precision) == (64, True, "bf16")
 
 
 def test_the_parser_falls_back_to_the_transformers_package(tmp_path):
@@ -210,7 +213,4 @@ def test_the_parser_falls_back_to_the_transformers_package(tmp_path):
         "cfg = flags.parse_config(['--output_dir', 'o', '--train_data_dir', '.'], 'prior')\n"
         "assert cfg.output_dir.endswith('o')\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
+    _python(code, tmp_path)
