@@ -143,12 +143,17 @@ def test_lora_checkpoints_hold_the_adapter_and_resume_exactly(
     b, _ = read_adapter(split, "unet")
     assert sorted(a) == sorted(b)
     for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        # Bit-identical on an AVX-512 CPU. On an AVX2 one (AMD EPYC) flax's resumed decoder run
+        # ends up to 5e-9 away from the uninterrupted one in ~10% of the adapter's values (Adam
+        # divides the gradients' rounding by their own small size), while two uninterrupted runs
+        # agree to the bit. A wrong batch, LR or moment moves values by ~lr = 1e-4 per update.
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
     # A checkpoint holds the adapter and its optimizer state, not the frozen UNet.
     unet = _bytes(tiny_folders[1] / "unet")
-    # Size as a second witness: the frozen UNet alone would be `unet` bytes. Not tighter: orbax's
-    # OCDBT files are compressed, and their size moves with the values (0.5-1.2 MB here).
-    assert _bytes(split / "checkpoint-4") < unet / 2, (_bytes(split / "checkpoint-4"), unet)
+    # Size as a second witness: a full fine-tune's checkpoint holds the UNet and its two Adam
+    # moments, three times `unet`. Not tighter: orbax's OCDBT files are compressed, and their
+    # size moves with the values and the installed tensorstore (0.5-1.2 MB, or 1.84 MB).
+    assert _bytes(split / "checkpoint-4") < unet, (_bytes(split / "checkpoint-4"), unet)
     if backend == "torch":
         keys = load_file(split / "checkpoint-4" / "model.safetensors")
         assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
