@@ -199,6 +199,9 @@ def make_train_step(
     it was (params, Adam moments and count = LR position, EMA, step) and sets metrics["skipped"]."""
     alphas_cumprod = jnp.asarray(stage.schedule.alphas_cumprod)
     on_cpu = mesh.devices.flat[0].platform == "cpu"
+    # One device on CPU: the clipping norm in one reduction (optim.global_norm: fewer kernels
+    # to load); across devices the concatenation would move the sharded gradients.
+    one_pass_norm = on_cpu and mesh.size == 1
 
     def loss_fn(params, consts, batch, noise, timesteps, snr_gamma):
         inputs = (batch, noise, timesteps, alphas_cumprod, snr_gamma)
@@ -208,8 +211,7 @@ def make_train_step(
         params = state["params"]
         accum = timesteps.shape[0]  # static: micro-batches per update
         gamma = hyper.get("snr_gamma")
-        # On CPU the clipping norm is one reduction (optim.global_norm: fewer kernels to load)
-        tx = adamw(hyper, windowed_lr(hyper["lr"], hyper["lr_count"]), decay_mask, on_cpu)
+        tx = adamw(hyper, windowed_lr(hyper["lr"], hyper["lr_count"]), decay_mask, one_pass_norm)
 
         def micro(grads, xs):
             b, n, t = xs
@@ -235,7 +237,7 @@ def make_train_step(
         if use_ema:
             new["ema"] = ema_update(state["ema"], params, step)
         # the clipping's norm, computed once: XLA merges the two
-        metrics = {"loss": jnp.mean(losses), "grad_norm": global_norm(grads, on_cpu)}
+        metrics = {"loss": jnp.mean(losses), "grad_norm": global_norm(grads, one_pass_norm)}
         if skip_nonfinite:
             # A select, not a cond: both branches exist anyway, and XLA fuses it into the update.
             ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
