@@ -67,6 +67,9 @@ def test_versus_reference_runs_three_runners_and_writes_the_table(tmp_path):
         measured = saved["rows"][0][runner]
         assert measured["long_seconds"] > 0
         assert 0 < measured["first_update_seconds"] < measured["short_seconds"]
+    # flax also ran once on an empty compilation cache, and the table shows it
+    cold = saved["rows"][0]["flax"]["first_update_cold_seconds"]
+    assert cold > 0 and f"| {cold:.1f} |" in row
 
 
 def test_versus_reference_refuses_a_folder_without_the_scripts(tmp_path):
