@@ -5,9 +5,13 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-# One pytest worker per core, at most 4 (each builds the session's fixtures and holds its own
-# jax), none on one core; a test module stays on one worker so its shared runs are made once.
-# TEST_WORKERS=N overrides (0: everything in this process).
+# One pytest worker per core, at most 4 and one per 6 GiB of memory (each builds the session's
+# fixtures and holds its own jax; the 512 px generation test peaks at 5.4 GB), none on one core.
+# A test module stays on one worker, so its shared runs are made once. TEST_WORKERS=N overrides
+# (0: everything in this process).
 cores=$(nproc)
-workers=${TEST_WORKERS:-$((cores < 2 ? 0 : cores < 4 ? cores : 4))}
+mem_gib=$(($(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1048576))
+workers=$((cores < 4 ? cores : 4))
+workers=$((workers < mem_gib / 6 ? workers : mem_gib / 6))
+workers=${TEST_WORKERS:-$((workers < 2 ? 0 : workers))}
 exec .venv/bin/python -m pytest -q -n "$workers" --dist loadscope "$@"
